@@ -1,0 +1,60 @@
+"""The `lit-cifar` command: LightningCLI over CIFARClassifier and CIFARDataModule.
+
+lit-cifar fit --data.data_dir ../shared/cifar10-jpeg
+lit-cifar fit --config configs/seed.yaml
+lit-cifar test --ckpt_path lightning_logs/version_0/checkpoints/last.ckpt --data.data_dir DIR
+lit-cifar fit --print_config
+"""
+
+import sys
+
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from lit_cifar.data import CIFARDataModule
+from lit_cifar.errors import UserError
+from lit_cifar.module import CIFARClassifier
+
+SEED = 0  # seed_everything: runs repeat exactly unless a user asks for another seed
+# The Trainer is Lightning's class, so its project defaults live here, read by every entry point.
+TRAINER_DEFAULTS = {
+    "max_epochs": 20,
+    "log_every_n_steps": 50,
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": ".", "default_hp_metric": False},
+    },
+}
+CHECKPOINT_DEFAULTS = {
+    "monitor": "val/acc",
+    "mode": "max",
+    "save_last": True,
+    "filename": "epoch{epoch:02d}-val_acc{val/acc:.4f}",
+    "auto_insert_metric_name": False,
+}
+
+
+class LitCifarCLI(LightningCLI):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
+        kwargs.setdefault("seed_everything_default", SEED)
+        super().__init__(CIFARClassifier, CIFARDataModule, *args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        # The number of classes and their names flow from the data into the model.
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.classes", "model.class_names", apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({f"checkpoint.{k}": v for k, v in CHECKPOINT_DEFAULTS.items()})
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+
+
+def main(args: list[str] | None = None) -> None:
+    try:
+        LitCifarCLI(args=args)
+    except UserError as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,293 @@
+"""CIFARDataModule: CIFAR-10/100 from any source in `data_dir`, split, batched, augmented per batch.
+
+The fast path (default): the decoded uint8 images sit in one tensor on the training device;
+batches are index slices of it, and crop/flip/normalize run on the whole batch there.
+The standard path (`fast=False`): a DataLoader with per-sample crop/flip in worker processes.
+
+    python -c "from lit_cifar import CIFARDataModule as D; d=D('data'); d.prepare_data(); d.setup('fit')"
+"""
+
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from lit_cifar import sources
+from lit_cifar.errors import UserError
+
+# Per-channel statistics of the training images, over [0, 1] pixels.
+MEAN_STD = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+class CIFARDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        data_dir: str = "data",
+        dataset: str = "cifar10",
+        download: bool = True,
+        val_size: int | float = 0.1,
+        split_seed: int = 0,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        pin_memory: bool = True,
+        normalize: bool = True,
+        augment: bool = True,
+        crop_padding: int = 4,
+        fast: bool = True,
+        checksums: dict[str, str] | None = None,
+    ) -> None:
+        """
+        Args:
+            data_dir: folder holding the data in any supported form (see `lit_cifar.sources`).
+            dataset: cifar10 or cifar100 (for pickles, archives and downloads; an image folder
+                brings its own classes).
+            download: fetch the archive through torchvision when nothing is in `data_dir`.
+            val_size: images held out of the training split for validation: a fraction in (0, 1)
+                or a count.
+            split_seed: seed of the train/val split (independent of the training seed).
+            batch_size: images per batch, per device.
+            num_workers: DataLoader worker processes (standard path only; the fast path needs none).
+            pin_memory: page-locked host memory for faster copies to a GPU (standard path).
+            normalize: subtract the data set's mean and divide by its std, per channel.
+            augment: random crop (with `crop_padding` zero pixels) and horizontal flip, training only.
+            crop_padding: pixels of zero padding around each image before the random 32x32 crop.
+            fast: keep the data set as one tensor on the training device and augment per batch.
+            checksums: md5 per file name, replacing the official ones (for data sets you made).
+        """
+        super().__init__()
+        if dataset not in sources.DATASETS:
+            raise UserError(f"unknown dataset {dataset!r}: choose one of {', '.join(sources.DATASETS)}.")
+        if batch_size < 1:
+            raise UserError(f"batch_size must be at least 1, got {batch_size}.")
+        if num_workers < 0:
+            raise UserError(f"num_workers must be 0 or more, got {num_workers}.")
+        if val_size <= 0:
+            raise UserError(
+                f"val_size must be a fraction in (0, 1) or a count of at least 1, got {val_size}."
+            )
+        if crop_padding < 0:
+            raise UserError(f"crop_padding must be 0 or more, got {crop_padding}.")
+        self.save_hyperparameters()
+        self.data: dict[str, sources.Split | None] = {}
+        self._classes: list[str] | None = None  # known for sure once setup() read the files
+
+    # ------------------------------------------------------------------ what the model needs to know
+
+    @property
+    def classes(self) -> list[str]:
+        if self._classes is not None:
+            return self._classes
+        if sources.is_image_folder(self.hparams.data_dir):
+            return sources.folder_classes(Path(self.hparams.data_dir) / "train")
+        if self.hparams.dataset == "cifar10":
+            return CIFAR10_CLASSES
+        return [f"class_{i}" for i in range(100)]  # real names come from the files in setup()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return MEAN_STD[self.hparams.dataset]
+
+    @property
+    def has_test(self) -> bool:
+        return self.data.get("test") is not None
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    def prepare_data(self) -> None:
+        checksums = self.hparams.checksums or sources.expected_md5s(self.hparams.dataset)
+        sources.prepare(self.hparams.data_dir, self.hparams.dataset, self.hparams.download, checksums)
+
+    def setup(self, stage: str) -> None:
+        if self.data:
+            return
+        loaded = sources.load(self.hparams.data_dir, self.hparams.dataset, self.hparams.checksums)
+        self._classes = loaded["classes"]
+        train_idx, val_idx = split_indices(
+            len(loaded["train"][1]), self.hparams.val_size, self.hparams.split_seed
+        )
+        x, y = loaded["train"]
+        self.data = {
+            "train": (x[train_idx], y[train_idx]),
+            "val": (x[val_idx], y[val_idx]),
+            "test": loaded["test"],
+        }
+
+    def train_dataloader(self):
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self):
+        if not self.has_test:
+            raise UserError(
+                f"{self.hparams.data_dir} has no test split: add test/<class>/ images (or use the "
+                f"CIFAR pickles, which include one), or run `validate` instead."
+            )
+        return self._loader("test", shuffle=False)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        # (B, 3, 32, 32) uint8 on the device -> float32, augmented when training on the fast path.
+        # A bare tensor (images only) passes too; float input (the model summary's example) is left be.
+        x, rest = (batch, None) if isinstance(batch, torch.Tensor) else (batch[0], batch[1:])
+        if x.dtype != torch.uint8:
+            return batch
+        if self.hparams.fast and self.hparams.augment and self.trainer is not None and self.trainer.training:
+            x = random_crop_flip(x, self.hparams.crop_padding)
+        x = self.to_float(x)
+        return x if rest is None else (x, *rest)
+
+    def to_float(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) -> float32 in [0, 1], normalized when `normalize` is on."""
+        x = x.float().div_(255)
+        if self.hparams.normalize:
+            mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in self.mean_std)
+            x = (x - mean) / std
+        return x
+
+    # ------------------------------------------------------------------ loaders
+
+    def _loader(self, split: str, shuffle: bool):
+        x, y = self.data[split]
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        if self.hparams.fast:
+            device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+            return TensorLoader(
+                x.to(device),
+                y.to(device),
+                self.hparams.batch_size,
+                shuffle,
+                seed=self.hparams.split_seed,
+                rank=rank,
+                world_size=world,
+            )
+        augment = self.hparams.augment and split == "train"
+        transform = v2.Compose(
+            [v2.RandomCrop(32, padding=self.hparams.crop_padding), v2.RandomHorizontalFlip()]
+        )
+        # Lightning swaps in a DistributedSampler under DDP, so each rank reads its own shard.
+        return DataLoader(
+            _Samples(x, y, transform if augment else None),
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            num_workers=self.hparams.num_workers,
+            pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+
+def split_indices(n: int, val_size: int | float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded, disjoint (train, val) split of range(n): the same on every machine and rank."""
+    n_val = round(val_size * n) if val_size < 1 else int(val_size)
+    if not 1 <= n_val < n:
+        raise UserError(
+            f"val_size={val_size} holds out {n_val} of {n} training images: it must leave at least one "
+            f"image for each of train and val (use a fraction in (0, 1) or a count below {n})."
+        )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[n_val:].sort().values, order[:n_val].sort().values
+
+
+def random_crop_flip(x: torch.Tensor, padding: int) -> torch.Tensor:
+    """Per-image random crop of a zero-padded batch and random horizontal flip, on x's device.
+
+    The same distribution as torchvision's RandomCrop(32, padding) + RandomHorizontalFlip(),
+    drawn for each image, in one gather instead of a Python loop. x: (B, C, H, W).
+    """
+    b, _, h, w = x.shape
+    if padding:
+        padded = torch.nn.functional.pad(x, (padding,) * 4)  # (B, C, H+2p, W+2p)
+        dy = torch.randint(0, 2 * padding + 1, (b, 1, 1), device=x.device)
+        dx = torch.randint(0, 2 * padding + 1, (b, 1, 1), device=x.device)
+        rows = dy + torch.arange(h, device=x.device).view(1, h, 1)  # (B, H, 1)
+        cols = dx + torch.arange(w, device=x.device).view(1, 1, w)  # (B, 1, W)
+        batch = torch.arange(b, device=x.device).view(b, 1, 1)
+        x = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)  # (B, C, H, W)
+    flip = torch.rand(b, 1, 1, 1, device=x.device) < 0.5
+    return torch.where(flip, x.flip(3), x)
+
+
+class _Samples(Dataset):
+    """The standard path: one (image, label) at a time, with an optional per-sample transform."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform=None) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        x = self.images[i]
+        return (self.transform(x) if self.transform else x), self.labels[i]
+
+
+class TensorLoader:
+    """Batches sliced from tensors that already sit on the training device.
+
+    Each epoch draws one permutation (seeded by epoch, the same on every rank); rank r takes
+    every world_size-th index, so ranks see disjoint shards of equal length. It keeps its place
+    (`state_dict`), so a run resumed mid-epoch continues with the batches it had not seen.
+    """
+
+    def __init__(
+        self,
+        images,
+        labels,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.images, self.labels, self.batch_size, self.shuffle = images, labels, batch_size, shuffle
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch, self.batches_done = -1, 0  # the first pass is epoch 0
+        self._resume: tuple[int, int] | None = None
+
+    def _order(self) -> torch.Tensor:
+        n = len(self.labels)
+        if not self.shuffle:  # evaluation: every image exactly once over all ranks
+            return torch.arange(self.rank, n, self.world_size)
+        n -= n % self.world_size  # equal shards, so no rank waits on another at the last step
+        order = torch.randperm(
+            len(self.labels), generator=torch.Generator().manual_seed(self.seed + self.epoch)
+        )
+        return order[:n][self.rank :: self.world_size]
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        count = (
+            (n - n % self.world_size) // self.world_size
+            if self.shuffle
+            else len(range(self.rank, n, self.world_size))
+        )
+        return math.ceil(count / self.batch_size)
+
+    def __iter__(self):
+        # A fresh pass starts the next epoch, unless load_state_dict() asked to continue one.
+        self.epoch, self.batches_done = self._resume or (self.epoch + 1, 0)
+        self._resume = None
+        order = self._order().to(self.labels.device)
+        for start in range(self.batches_done * self.batch_size, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            self.batches_done += 1
+            yield self.images[idx], self.labels[idx]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_done": self.batches_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        finished = state["batches_done"] >= len(self)
+        self._resume = (state["epoch"] + 1, 0) if finished else (state["epoch"], state["batches_done"])

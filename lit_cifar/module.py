@@ -1,0 +1,150 @@
+"""CIFARClassifier: the LightningModule around a named network: loss, metrics, AdamW, logging.
+
+python -c "from lit_cifar import CIFARClassifier; print(CIFARClassifier('seed'))"
+"""
+
+import math
+
+import lightning as L
+import torch
+from torch.nn import functional as F
+from torchmetrics import MaxMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from lit_cifar.errors import UserError
+from lit_cifar.nets import NETS, build_net
+
+SCHEDULES = ("constant", "onecycle", "cosine")
+
+
+class CIFARClassifier(L.LightningModule):
+    def __init__(
+        self,
+        net: str = "seed",
+        num_classes: int = 10,
+        class_names: list[str] | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        label_smoothing: float = 0.0,
+        schedule: str = "constant",
+        warmup_fraction: float = 0.2,
+        channels_last: bool = True,
+        compile: bool = False,
+    ) -> None:
+        """
+        Args:
+            net: network name, one of `lit_cifar.nets.NETS` (seed, seed_bn).
+            num_classes: outputs of the last layer; the CLI takes it from the data.
+            class_names: names of the classes, in label order, kept for prediction and figures.
+            lr: AdamW learning rate (the peak rate when a schedule is on).
+            weight_decay: AdamW decoupled weight decay.
+            label_smoothing: CrossEntropyLoss label smoothing, training loss only.
+            schedule: constant (the seed's), onecycle, or cosine (linear warm-up, cosine decay),
+                over `trainer.estimated_stepping_batches`.
+            warmup_fraction: fraction of all steps spent warming up (onecycle and cosine).
+            channels_last: NHWC memory format for the net and its inputs (faster convs on most devices).
+            compile: torch.compile the net.
+        """
+        super().__init__()
+        if net not in NETS:
+            raise UserError(f"unknown network {net!r}: choose one of {', '.join(NETS)}.")
+        if lr <= 0:
+            raise UserError(f"lr must be positive, got {lr}.")
+        if weight_decay < 0 or not 0 <= label_smoothing < 1 or not 0 <= warmup_fraction < 1:
+            raise UserError("weight_decay must be >= 0, label_smoothing and warmup_fraction in [0, 1).")
+        if schedule not in SCHEDULES:
+            raise UserError(f"unknown schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}.")
+        if class_names is not None and len(class_names) != num_classes:
+            raise UserError(f"{len(class_names)} class names for {num_classes} classes.")
+        self.save_hyperparameters()
+        self.net = build_net(net, num_classes)
+        self.example_input_array = torch.zeros(1, 3, 32, 32)  # the summary shows each layer's shapes
+        self.train_acc, self.val_acc, self.test_acc = (
+            MulticlassAccuracy(num_classes, average="micro") for _ in range(3)
+        )
+        self.val_acc_best = MaxMetric()
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.hparams.class_names or [str(i) for i in range(self.hparams.num_classes)]
+
+    def configure_model(self) -> None:
+        if self.hparams.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        if self.hparams.compile:
+            self.net.compile()  # in place: the state_dict keys stay those of the plain net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, 3, 32, 32) normalized images -> (B, num_classes) logits
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x)
+
+    # ------------------------------------------------------------------ steps
+
+    def _step(self, batch, stage: str) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        smoothing = self.hparams.label_smoothing if stage == "train" else 0.0
+        loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
+        acc = getattr(self, f"{stage}_acc")
+        acc(logits, y)
+        # Tensors go to self.log as they are: Lightning reads them only every log_every_n_steps,
+        # so the hot loop never waits on the device.
+        if stage == "train":  # train/loss_step (sparse) and train/loss_epoch (the seed's "Average Loss")
+            self.log("train/loss", loss, on_step=True, on_epoch=True)
+        else:
+            self.log(f"{stage}/loss", loss, sync_dist=True)
+        self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=stage == "val")
+        return loss
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x = batch[0] if isinstance(batch, list | tuple) else batch
+        return self(x).softmax(dim=-1)  # (B, num_classes) class probabilities
+
+    def on_train_start(self) -> None:
+        self.val_acc_best.reset()  # forget the sanity check's accuracy
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.val_acc_best(self.val_acc.compute())
+            self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True)
+
+    # ------------------------------------------------------------------ optimization
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(
+            self.parameters(),
+            lr=self.hparams.lr,
+            weight_decay=self.hparams.weight_decay,
+            fused=self.device.type == "cuda",  # one kernel for all parameters on a GPU
+        )
+        if self.hparams.schedule == "constant":
+            return optimizer
+        total = self.trainer.estimated_stepping_batches
+        warmup = max(1, int(self.hparams.warmup_fraction * total))
+        if self.hparams.schedule == "onecycle":
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=self.hparams.lr, total_steps=total, pct_start=warmup / total
+            )
+        else:
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: _warmup_cosine(step, warmup, total)
+            )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """LR factor: linear from 1/warmup to 1 over `warmup` steps, then cosine down to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
