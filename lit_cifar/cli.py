@@ -40,6 +40,13 @@ class LitCifarCLI(LightningCLI):
         kwargs.setdefault("seed_everything_default", SEED)
         super().__init__(CIFARClassifier, CIFARDataModule, *args, **kwargs)
 
+    def before_instantiate_classes(self) -> None:
+        # The default logger writes under --trainer.default_root_dir when one is given.
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        logger, root = config.trainer.logger, config.trainer.default_root_dir
+        if root and getattr(logger, "init_args", None) is not None and logger.init_args.save_dir == ".":
+            logger.init_args.save_dir = root
+
     def add_arguments_to_parser(self, parser) -> None:
         # The number of classes and their names flow from the data into the model.
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
