@@ -12,6 +12,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
@@ -40,6 +41,7 @@ class CIFARDataModule(L.LightningDataModule):
         normalize: bool = True,
         augment: bool = True,
         crop_padding: int = 4,
+        padding_mode: str = "constant",
         fast: bool = True,
         checksums: dict[str, str] | None = None,
     ) -> None:
@@ -57,7 +59,9 @@ class CIFARDataModule(L.LightningDataModule):
             pin_memory: page-locked host memory for faster copies to a GPU (standard path).
             normalize: subtract the data set's mean and divide by its std, per channel.
             augment: random crop (with `crop_padding` zero pixels) and horizontal flip, training only.
-            crop_padding: pixels of zero padding around each image before the random 32x32 crop.
+            crop_padding: pixels of padding around each image before the random 32x32 crop.
+            padding_mode: how those pixels are filled: constant (zeros, as torchvision's
+                RandomCrop) or reflect.
             fast: keep the data set as one tensor on the training device and augment per batch.
             checksums: md5 per file name, replacing the official ones (for data sets you made).
         """
@@ -72,6 +76,8 @@ class CIFARDataModule(L.LightningDataModule):
             raise UserError(
                 f"val_size must be a fraction in (0, 1) or a count of at least 1, got {val_size}."
             )
+        if padding_mode not in ("constant", "reflect"):
+            raise UserError(f"padding_mode must be constant or reflect, got {padding_mode!r}.")
         if crop_padding < 0:
             raise UserError(f"crop_padding must be 0 or more, got {crop_padding}.")
         self.save_hyperparameters()
@@ -144,7 +150,7 @@ class CIFARDataModule(L.LightningDataModule):
         if x.dtype != torch.uint8:
             return batch
         if self.hparams.fast and self.hparams.augment and self.trainer is not None and self.trainer.training:
-            x = random_crop_flip(x, self.hparams.crop_padding)
+            x = random_crop_flip(x, self.hparams.crop_padding, self.hparams.padding_mode)
         x = self.to_float(x)
         return x if rest is None else (x, *rest)
 
@@ -175,7 +181,10 @@ class CIFARDataModule(L.LightningDataModule):
             )
         augment = self.hparams.augment and split == "train"
         transform = v2.Compose(
-            [v2.RandomCrop(32, padding=self.hparams.crop_padding), v2.RandomHorizontalFlip()]
+            [
+                v2.RandomCrop(32, self.hparams.crop_padding, padding_mode=self.hparams.padding_mode),
+                v2.RandomHorizontalFlip(),
+            ]
         )
         # Lightning swaps in a DistributedSampler under DDP, so each rank reads its own shard.
         return DataLoader(
@@ -200,15 +209,20 @@ def split_indices(n: int, val_size: int | float, seed: int) -> tuple[torch.Tenso
     return order[n_val:].sort().values, order[:n_val].sort().values
 
 
-def random_crop_flip(x: torch.Tensor, padding: int) -> torch.Tensor:
-    """Per-image random crop of a zero-padded batch and random horizontal flip, on x's device.
+def random_crop_flip(x: torch.Tensor, padding: int, padding_mode: str = "constant") -> torch.Tensor:
+    """Per-image random crop of a padded batch and random horizontal flip, on x's device.
 
-    The same distribution as torchvision's RandomCrop(32, padding) + RandomHorizontalFlip(),
+    The same distribution as torchvision's RandomCrop(32, padding, padding_mode=...) +
+    RandomHorizontalFlip(),
     drawn for each image, in one gather instead of a Python loop. x: (B, C, H, W).
     """
     b, _, h, w = x.shape
     if padding:
-        padded = torch.nn.functional.pad(x, (padding,) * 4)  # (B, C, H+2p, W+2p)
+        # (B, C, H+2p, W+2p); reflect padding needs a float tensor, so round-trip uint8 through it
+        if padding_mode == "reflect" and x.dtype == torch.uint8:
+            padded = F.pad(x.float(), (padding,) * 4, mode="reflect").to(torch.uint8)
+        else:
+            padded = F.pad(x, (padding,) * 4, mode=padding_mode)
         dy = torch.randint(0, 2 * padding + 1, (b, 1, 1), device=x.device)
         dx = torch.randint(0, 2 * padding + 1, (b, 1, 1), device=x.device)
         rows = dy + torch.arange(h, device=x.device).view(1, h, 1)  # (B, H, 1)
