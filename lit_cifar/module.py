@@ -14,7 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from lit_cifar.errors import UserError
 from lit_cifar.nets import NETS, build_net
 
-SCHEDULES = ("constant", "onecycle", "cosine")
+SCHEDULES = ("constant", "onecycle")
 
 
 class CIFARClassifier(L.LightningModule):
@@ -39,9 +39,9 @@ class CIFARClassifier(L.LightningModule):
             lr: AdamW learning rate (the peak rate when a schedule is on).
             weight_decay: AdamW decoupled weight decay.
             label_smoothing: CrossEntropyLoss label smoothing, training loss only.
-            schedule: constant (the seed's), onecycle, or cosine (linear warm-up, cosine decay),
-                over `trainer.estimated_stepping_batches`.
-            warmup_fraction: fraction of all steps spent warming up (onecycle and cosine).
+            schedule: constant (the seed's) or onecycle: linear warm-up from lr/25 to lr, then
+                cosine decay to 0, over `trainer.estimated_stepping_batches`.
+            warmup_fraction: fraction of all steps spent warming up (onecycle).
             channels_last: NHWC memory format for the net and its inputs (faster convs on most devices).
             compile: torch.compile the net.
         """
@@ -132,19 +132,12 @@ class CIFARClassifier(L.LightningModule):
             return optimizer
         total = self.trainer.estimated_stepping_batches
         warmup = max(1, int(self.hparams.warmup_fraction * total))
-        if self.hparams.schedule == "onecycle":
-            scheduler = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=self.hparams.lr, total_steps=total, pct_start=warmup / total
-            )
-        else:
-            scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda step: _warmup_cosine(step, warmup, total)
-            )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: one_cycle(step, warmup, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def _warmup_cosine(step: int, warmup: int, total: int) -> float:
-    """LR factor: linear from 1/warmup to 1 over `warmup` steps, then cosine down to 0 at `total`."""
+def one_cycle(step: int, warmup: int, total: int, start: float = 1 / 25) -> float:
+    """LR factor: linear from `start` to 1 over `warmup` steps, then cosine down to 0 at `total`."""
     if step < warmup:
-        return (step + 1) / warmup
+        return start + (1 - start) * step / warmup
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
