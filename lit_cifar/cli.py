@@ -11,6 +11,7 @@ import sys
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from lit_cifar.callbacks import TensorBoardDashboard
 from lit_cifar.data import CIFARDataModule
 from lit_cifar.errors import UserError
 from lit_cifar.module import CIFARClassifier
@@ -22,7 +23,7 @@ TRAINER_DEFAULTS = {
     "log_every_n_steps": 50,
     "logger": {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": ".", "default_hp_metric": False},
+        "init_args": {"save_dir": ".", "default_hp_metric": False, "log_graph": True},
     },
 }
 CHECKPOINT_DEFAULTS = {
@@ -54,6 +55,7 @@ class LitCifarCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({f"checkpoint.{k}": v for k, v in CHECKPOINT_DEFAULTS.items()})
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.add_lightning_class_args(TensorBoardDashboard, "dashboard")  # --dashboard.inputs false, ...
 
 
 def main(args: list[str] | None = None) -> None:

@@ -1,0 +1,319 @@
+"""TensorBoardDashboard: what a run shows in TensorBoard besides its scalars, as one switchable callback.
+
+The CLI adds it as `--dashboard.*` (see `lit-cifar fit --help`); e.g. `--dashboard.feature_maps false`.
+In plain Lightning: `Trainer(callbacks=[TensorBoardDashboard()], logger=TensorBoardLogger(".", log_graph=True))`.
+
+Tags it writes (with a TensorBoardLogger; without one it does nothing):
+  val/inputs                    a fixed batch of validation images: true label, predicted label
+  val/feature_maps/<i>_<layer>  the output of each conv and pooling layer of the net for those
+                                images: one row per image, one tile per channel
+  val/confusion_matrix          over the whole validation set, with per-class accuracy
+  test/confusion_matrix, test/misclassified (a grid of wrong predictions: true and predicted label)
+  HParams tab                   model + data hyperparameters, metrics val/acc_best and test/acc
+"""
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.tensorboard.summary import hparams as hparams_summary
+from torchmetrics.classification import MulticlassConfusionMatrix
+from torchvision.utils import make_grid
+
+from lit_cifar.errors import UserError
+
+# The HParams tab's metric columns: the values are the last points of the scalar series of these tags.
+HPARAMS_METRICS = ("val/acc_best", "test/acc")
+PICTURED_LAYERS = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)  # feature maps after each of these
+
+
+class TensorBoardDashboard(Callback):
+    def __init__(
+        self,
+        inputs: bool = True,
+        feature_maps: bool = True,
+        confusion_matrix: bool = True,
+        misclassified: bool = True,
+        hparams: bool = True,
+        num_images: int = 8,
+        max_channels: int = 16,
+        num_misclassified: int = 16,
+    ) -> None:
+        """
+        Args:
+            inputs: the fixed validation images with true and predicted labels, every validation epoch.
+            feature_maps: per-channel grids of each conv and pooling output for those images.
+            confusion_matrix: the confusion matrix over the validation (and test) set, per epoch.
+            misclassified: at test time, a grid of misclassified test images.
+            hparams: the HParams tab: this run's hyperparameters with metrics val/acc_best, test/acc.
+            num_images: how many validation images make the fixed batch (the first ones of the split).
+            max_channels: feature-map channels shown per layer (the first ones).
+            num_misclassified: misclassified test images shown.
+        """
+        super().__init__()
+        if min(num_images, max_channels, num_misclassified) < 1:
+            raise UserError("num_images, max_channels and num_misclassified must be at least 1.")
+        self.inputs, self.feature_maps, self.confusion_matrix = inputs, feature_maps, confusion_matrix
+        self.misclassified, self.hparams = misclassified, hparams
+        self.num_images, self.max_channels, self.num_misclassified = (
+            num_images,
+            max_channels,
+            num_misclassified,
+        )
+        self._fixed: tuple[torch.Tensor, torch.Tensor] | None = None  # (N, 3, H, W) float, (N,) labels
+        self._hparams_written: set[str] = set()
+        self._reset()
+
+    def _reset(self) -> None:
+        self._logits: torch.Tensor | None = None  # the module's last output, caught by a forward hook
+        self._hook = None
+        self._preds: list[torch.Tensor] = []  # (B,) per batch, kept on the device until the epoch ends
+        self._targets: list[torch.Tensor] = []
+        self._wrong: tuple[torch.Tensor, ...] | None = None  # (x, y, pred, is_wrong), at most K rows
+
+    # ------------------------------------------------------------------ hooks
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        logger = _tensorboard(trainer)
+        if logger is None:
+            if any((self.inputs, self.feature_maps, self.confusion_matrix, self.misclassified, self.hparams)):
+                rank_zero_warn("TensorBoardDashboard writes nothing: the trainer has no TensorBoardLogger.")
+            return
+        if self.hparams and trainer.is_global_zero and logger.log_dir not in self._hparams_written:
+            _write_hparams(logger, _run_hparams(trainer, pl_module))
+            self._hparams_written.add(logger.log_dir)
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start(trainer, pl_module, self.confusion_matrix)
+
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start(trainer, pl_module, self.confusion_matrix or self.misclassified)
+
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        x, y = batch[0], batch[1]
+        if self._fixed is None and dataloader_idx == 0:
+            # The first images of the unshuffled validation split: the same ones every epoch.
+            self._fixed = (x[: self.num_images].detach().clone(), y[: self.num_images].clone())
+        self._collect(y)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._collect(batch[1])
+        if self.misclassified and self._logits is not None:
+            self._keep_wrong(batch[0], batch[1], self._logits.argmax(1))
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        logger = _tensorboard(trainer)
+        if logger is not None and not trainer.sanity_checking:
+            if self.confusion_matrix:
+                self._log_confusion_matrix(trainer, pl_module, logger, "val")
+            if trainer.is_global_zero and self._fixed is not None and (self.inputs or self.feature_maps):
+                self._log_fixed_batch(trainer, pl_module, logger)
+        self._stop()
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        logger = _tensorboard(trainer)
+        if logger is not None:
+            if self.confusion_matrix:
+                self._log_confusion_matrix(trainer, pl_module, logger, "test")
+            if self.misclassified and trainer.is_global_zero and self._wrong is not None:
+                x, y, pred, wrong = (t.cpu() for t in self._wrong)  # the one host sync of the test epoch
+                if wrong.any():
+                    images = _for_display(x[wrong], trainer)
+                    figure = _image_figure(
+                        images, y[wrong], pred[wrong], pl_module.class_names, "misclassified"
+                    )
+                    logger.experiment.add_image(
+                        "test/misclassified", figure, trainer.global_step, dataformats="HWC"
+                    )
+        self._stop()
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._stop()
+
+    # ------------------------------------------------------------------ collecting, without host syncs
+
+    def _start(self, trainer: Trainer, pl_module: LightningModule, catch_logits: bool) -> None:
+        self._stop()
+        if catch_logits and _tensorboard(trainer) is not None:
+            self._hook = pl_module.register_forward_hook(self._catch)
+
+    def _catch(self, module: nn.Module, args, output: torch.Tensor) -> None:
+        self._logits = output.detach()  # (B, num_classes)
+
+    def _stop(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+        self._reset()
+
+    def _collect(self, y: torch.Tensor) -> None:
+        # Only device ops here: the confusion matrix is computed once, at the end of the epoch.
+        if self.confusion_matrix and self._logits is not None:
+            self._preds.append(self._logits.argmax(1))
+            self._targets.append(y)
+
+    def _keep_wrong(self, x: torch.Tensor, y: torch.Tensor, pred: torch.Tensor) -> None:
+        # A running pick of K images, wrong ones first, in fixed shapes: no host sync per batch.
+        parts = (x.detach(), y, pred, pred != y)
+        if self._wrong is not None:
+            parts = tuple(torch.cat([old, new]) for old, new in zip(self._wrong, parts, strict=True))
+        order = torch.sort(parts[3].to(torch.uint8), descending=True, stable=True).indices[
+            : self.num_misclassified
+        ]
+        self._wrong = tuple(p[order] for p in parts)
+
+    # ------------------------------------------------------------------ pictures
+
+    def _log_confusion_matrix(self, trainer, pl_module, logger: TensorBoardLogger, stage: str) -> None:
+        num_classes = pl_module.hparams.num_classes
+        metric = MulticlassConfusionMatrix(num_classes, validate_args=False).to(pl_module.device)
+        if self._preds:
+            metric.update(torch.cat(self._preds), torch.cat(self._targets))
+        matrix = metric.compute().cpu()  # (C, C): rows true, columns predicted; summed over ranks
+        if trainer.is_global_zero and matrix.sum() > 0:
+            figure = _confusion_figure(matrix, pl_module.class_names, f"{stage}: step {trainer.global_step}")
+            logger.experiment.add_image(
+                f"{stage}/confusion_matrix", figure, trainer.global_step, dataformats="HWC"
+            )
+
+    @torch.no_grad()
+    def _log_fixed_batch(
+        self, trainer: Trainer, pl_module: LightningModule, logger: TensorBoardLogger
+    ) -> None:
+        x, y = self._fixed
+        maps, logits = (
+            layer_outputs(pl_module.net, x) if isinstance(pl_module.net, nn.Sequential) else ({}, None)
+        )
+        if logits is None:
+            logits = pl_module(x)
+        step, experiment = trainer.global_step, logger.experiment
+        if self.inputs:
+            figure = _image_figure(
+                _for_display(x, trainer), y, logits.argmax(1), pl_module.class_names, "inputs"
+            )
+            experiment.add_image("val/inputs", figure, step, dataformats="HWC")
+        if self.feature_maps:
+            for name, fmap in maps.items():
+                experiment.add_image(f"val/feature_maps/{name}", channel_grid(fmap, self.max_channels), step)
+
+
+# ---------------------------------------------------------------------------- helpers (also used by scripts/tour.py)
+
+
+def layer_outputs(net: nn.Sequential, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Run `net` layer by layer: ({"<i>_<layer>": output of each conv/pooling layer}, final output)."""
+    maps = {}
+    for i, layer in enumerate(net):
+        x = layer(x)
+        if isinstance(layer, PICTURED_LAYERS):
+            maps[f"{i}_{type(layer).__name__.lower()}"] = x
+    return maps, x
+
+
+def channel_grid(fmap: torch.Tensor, max_channels: int = 16, size: int = 32) -> torch.Tensor:
+    """(N, C, H, W) feature maps -> one (3, H', W') image: a row per image, a gray tile per channel.
+
+    Each tile is scaled to its own min..max, and small maps are enlarged (nearest) to `size` pixels.
+    """
+    fmap = fmap[:, :max_channels].detach().float().cpu()
+    n, c, h, w = fmap.shape
+    tiles = fmap.reshape(n * c, 1, h, w)
+    if h < size:
+        tiles = F.interpolate(tiles, scale_factor=size // h, mode="nearest")
+    return make_grid(tiles, nrow=c, normalize=True, scale_each=True, padding=2, pad_value=1.0)
+
+
+def _for_display(x: torch.Tensor, trainer: Trainer) -> torch.Tensor:
+    """Model inputs -> [0, 1] pixels on the CPU, undoing the data module's normalization when it has one."""
+    x = x.detach().float().cpu()
+    data = trainer.datamodule
+    if data is not None and getattr(data.hparams, "normalize", False) and hasattr(data, "mean_std"):
+        mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in data.mean_std)
+        x = x * std + mean
+    return x.clamp(0, 1)
+
+
+def _render(figure: Figure) -> np.ndarray:
+    """A matplotlib figure -> (H, W, 3) uint8, drawn by the Agg backend (no pyplot, no window)."""
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def _image_figure(images, labels, preds, class_names: list[str], title: str) -> np.ndarray:
+    """A grid of (N, 3, H, W) [0, 1] images, each titled `true` / `predicted` (green right, red wrong)."""
+    n = len(images)
+    cols = min(n, 8)
+    rows = max(1, -(-n // cols))
+    figure = Figure(figsize=(1.3 * cols, 1.55 * rows + 0.3), dpi=80)
+    figure.suptitle(f"{title}: true label → predicted", fontsize=9)
+    for i in range(n):
+        ax = figure.add_subplot(rows, cols, i + 1)
+        ax.imshow(images[i].permute(1, 2, 0).numpy(), interpolation="nearest")
+        true, pred = class_names[int(labels[i])], class_names[int(preds[i])]
+        ax.set_title(f"{true}\n→ {pred}", fontsize=7, color="green" if true == pred else "red")
+        ax.axis("off")
+    figure.tight_layout()
+    return _render(figure)
+
+
+def _confusion_figure(matrix: torch.Tensor, class_names: list[str], title: str) -> np.ndarray:
+    """(C, C) counts -> a figure: rows normalized to 1, counts in the cells, per-class accuracy on the rows."""
+    counts = matrix.double()
+    per_class = counts.diag() / counts.sum(1).clamp(min=1)  # (C,) recall = per-class accuracy
+    rates = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    c = len(class_names)
+    small = c <= 20  # names and counts stay readable up to about 20 classes
+    figure = Figure(figsize=(6.4, 5.4) if small else (8, 8), dpi=80)
+    ax = figure.add_subplot()
+    ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
+    accuracy = counts.diag().sum() / counts.sum()
+    ax.set_title(f"{title}   accuracy {accuracy:.3f}", fontsize=9)
+    ax.set_xlabel("predicted", fontsize=8)
+    ax.set_ylabel("true (per-class accuracy)", fontsize=8)
+    if small:
+        ax.set_xticks(range(c), class_names, rotation=45, ha="right", fontsize=7)
+        seen = (counts.sum(1) > 0).tolist()
+        accuracies = [f"{a:.0%}" if s else "-" for a, s in zip(per_class.tolist(), seen, strict=True)]
+        ax.set_yticks(range(c), [f"{n} {a}" for n, a in zip(class_names, accuracies, strict=True)])
+        ax.tick_params(axis="y", labelsize=7)
+        for i in range(c):
+            for j in range(c):
+                color = "white" if rates[i, j] > 0.5 else "black"
+                ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=6, color=color)
+    figure.tight_layout()
+    return _render(figure)
+
+
+# ---------------------------------------------------------------------------- HParams
+
+
+def _tensorboard(trainer: Trainer) -> TensorBoardLogger | None:
+    return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+
+
+def _run_hparams(trainer: Trainer, pl_module: LightningModule) -> dict:
+    """The model's and the data's hyperparameters, flat and of types the HParams tab shows."""
+    params = dict(pl_module.hparams_initial)
+    if trainer.datamodule is not None:
+        params.update(trainer.datamodule.hparams_initial)
+    return {
+        k: v if isinstance(v, bool | int | float | str) else str(v)
+        for k, v in params.items()
+        if not k.startswith("_")  # Lightning's own bookkeeping (e.g. the CLI's instantiator)
+    }
+
+
+def _write_hparams(logger: TensorBoardLogger, params: dict) -> None:
+    # TensorBoardLogger.log_hyperparams(params, metrics) would also log each metric's starting value
+    # as a fake point of its scalar series; here the metrics are only declared, and the HParams tab
+    # reads their values from the real series (val/acc_best every epoch, test/acc after testing).
+    writer = logger.experiment._get_file_writer()
+    for summary in hparams_summary(params, dict.fromkeys(HPARAMS_METRICS, 0.0)):
+        writer.add_summary(summary)
