@@ -13,22 +13,17 @@ common=(--data.data_dir "$DATA" --trainer.accelerator "$ACC" --trainer.enable_pr
         --trainer.enable_model_summary false --data.val_size 5000)
 onecycle=(--model.schedule onecycle --model.label_smoothing 0.1)
 declare -A RUNS=(
-  [seed-exact]="--config configs/seed.yaml"
   [s1-reflect]="--model.lr 2e-3 --model.weight_decay 5e-4 --data.padding_mode reflect ${onecycle[*]}"
   [s2-zeropad]="--model.lr 2e-3 --model.weight_decay 5e-4 ${onecycle[*]}"
   [s3-lr4e-3]="--model.lr 4e-3 --model.weight_decay 5e-4 --data.padding_mode reflect ${onecycle[*]}"
   [s4-bs128]="--data.batch_size 128 --model.lr 4e-3 --model.weight_decay 5e-4 --data.padding_mode reflect ${onecycle[*]}"
   [s5-wd5e-2]="--model.lr 2e-3 --model.weight_decay 5e-2 --data.padding_mode reflect ${onecycle[*]}"
-  [s6-warm0.1]="--model.lr 2e-3 --model.weight_decay 5e-4 --data.padding_mode reflect --model.warmup_fraction 0.1 ${onecycle[*]}"
   [s7-nols]="--model.lr 2e-3 --model.weight_decay 5e-4 --data.padding_mode reflect --model.schedule onecycle"
-  [s8-pad2]="--model.lr 2e-3 --model.weight_decay 5e-4 --data.padding_mode reflect --data.crop_padding 2 ${onecycle[*]}"
   [b1-probe]="--model.net seed_bn --model.lr 2e-3 --model.weight_decay 5e-4 ${onecycle[*]}"
   [b2-lr5e-3]="--model.net seed_bn --model.lr 5e-3 --model.weight_decay 5e-2 ${onecycle[*]}"
   [b3-bs128]="--model.net seed_bn --data.batch_size 128 --model.lr 5e-3 --model.weight_decay 5e-4 ${onecycle[*]}"
   [b4-bs128-lr1e-2]="--model.net seed_bn --data.batch_size 128 --model.lr 1e-2 --model.weight_decay 5e-2 ${onecycle[*]}"
   [b5-bs256]="--model.net seed_bn --data.batch_size 256 --model.lr 1e-2 --model.weight_decay 5e-2 ${onecycle[*]}"
-  [b6-warm0.1]="--model.net seed_bn --data.batch_size 128 --model.lr 5e-3 --model.weight_decay 5e-2 --model.warmup_fraction 0.1 ${onecycle[*]}"
-  [b7-nols]="--model.net seed_bn --data.batch_size 128 --model.lr 5e-3 --model.weight_decay 5e-2 --model.schedule onecycle"
   [b8-reflect]="--model.net seed_bn --data.batch_size 128 --model.lr 5e-3 --model.weight_decay 5e-2 --data.padding_mode reflect ${onecycle[*]}"
 )
 start=$(date +%s)
