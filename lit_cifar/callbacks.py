@@ -79,12 +79,16 @@ class TensorBoardDashboard(Callback):
     # ------------------------------------------------------------------ hooks
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "predict":  # nothing to show
+            return
         logger = _tensorboard(trainer)
         if logger is None:
             if any((self.inputs, self.feature_maps, self.confusion_matrix, self.misclassified, self.hparams)):
                 rank_zero_warn("TensorBoardDashboard writes nothing: the trainer has no TensorBoardLogger.")
             return
-        if self.hparams and trainer.is_global_zero and logger.log_dir not in self._hparams_written:
+        if not self.hparams or not trainer.is_global_zero:
+            return
+        if logger.log_dir not in self._hparams_written:  # once per run folder (fit, then test)
             _write_hparams(logger, _run_hparams(trainer, pl_module))
             self._hparams_written.add(logger.log_dir)
 
@@ -299,14 +303,18 @@ def _tensorboard(trainer: Trainer) -> TensorBoardLogger | None:
 
 
 def _run_hparams(trainer: Trainer, pl_module: LightningModule) -> dict:
-    """The model's and the data's hyperparameters, flat and of types the HParams tab shows."""
+    """The model's and the data's scalar hyperparameters (None as "None"), as the HParams tab shows them.
+
+    Lists and dicts (class names, checksums) are left out: they stay in the run's hparams.yaml.
+    """
     params = dict(pl_module.hparams_initial)
     if trainer.datamodule is not None:
         params.update(trainer.datamodule.hparams_initial)
     return {
-        k: v if isinstance(v, bool | int | float | str) else str(v)
+        k: "None" if v is None else v
         for k, v in params.items()
         if not k.startswith("_")  # Lightning's own bookkeeping (e.g. the CLI's instantiator)
+        and (v is None or isinstance(v, bool | int | float | str))
     }
 
 
