@@ -59,8 +59,9 @@ class CIFARClassifier(L.LightningModule):
         self.save_hyperparameters()
         self.net = build_net(net, num_classes)
         self.example_input_array = torch.zeros(1, 3, 32, 32)  # the summary shows each layer's shapes
+        # validate_args=False: the input checks call torch.unique, a host-device sync every step.
         self.train_acc, self.val_acc, self.test_acc = (
-            MulticlassAccuracy(num_classes, average="micro") for _ in range(3)
+            MulticlassAccuracy(num_classes, average="micro", validate_args=False) for _ in range(3)
         )
         self.val_acc_best = MaxMetric()
 
@@ -71,8 +72,11 @@ class CIFARClassifier(L.LightningModule):
     def configure_model(self) -> None:
         if self.hparams.channels_last:
             self.net.to(memory_format=torch.channels_last)
-        if self.hparams.compile:
+        # Lightning calls this hook at every fit/validate/test in the process: compile once only,
+        # or each call wraps the net again and recompiles it.
+        if self.hparams.compile and not getattr(self, "_compiled", False):
             self.net.compile()  # in place: the state_dict keys stay those of the plain net
+            self._compiled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (B, 3, 32, 32) normalized images -> (B, num_classes) logits
