@@ -7,6 +7,7 @@ lit-cifar fit --print_config
 """
 
 import sys
+from pathlib import Path
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -14,6 +15,7 @@ from lightning.pytorch.cli import LightningCLI
 from lit_cifar.callbacks import TensorBoardDashboard
 from lit_cifar.data import CIFARDataModule
 from lit_cifar.errors import UserError
+from lit_cifar.inference import SKIPPED_EXIT, PredictionWriter, input_settings, load_model, read_checkpoint
 from lit_cifar.module import CIFARClassifier
 
 SEED = 0  # seed_everything: runs repeat exactly unless a user asks for another seed
@@ -47,6 +49,26 @@ class LitCifarCLI(LightningCLI):
         logger, root = config.trainer.logger, config.trainer.default_root_dir
         if root and getattr(logger, "init_args", None) is not None and logger.init_args.save_dir == ".":
             logger.init_args.save_dir = root
+        if self.subcommand in ("validate", "test", "predict"):
+            self._inputs_as_trained(config)
+
+    def _inputs_as_trained(self, config) -> None:
+        # Evaluation prepares images as the checkpoint's model saw them in training (normalized or
+        # [0, 1] pixels), whatever the data settings here say.
+        ckpt_path = config.ckpt_path
+        if self.subcommand == "predict" and not ckpt_path:
+            raise UserError("predict needs a trained model: give --ckpt_path PATH/TO/last.ckpt.")
+        if not ckpt_path or not Path(ckpt_path).is_file():  # "best"/"last" or missing: Lightning says
+            return
+        for key, value in input_settings(read_checkpoint(ckpt_path)).items():
+            if config.data[key] != value:
+                print(f"data.{key}={value} (as the checkpoint was trained)", file=sys.stderr)
+                config.data[key] = value
+
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        if self.subcommand == "predict":  # its classes and net come from the checkpoint, not the data
+            self.model = load_model(self.config.predict.ckpt_path)[0]
 
     def add_arguments_to_parser(self, parser) -> None:
         # The number of classes and their names flow from the data into the model.
@@ -55,14 +77,19 @@ class LitCifarCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({f"checkpoint.{k}": v for k, v in CHECKPOINT_DEFAULTS.items()})
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.add_lightning_class_args(PredictionWriter, "prediction")  # predict: --prediction.output
         parser.add_lightning_class_args(TensorBoardDashboard, "dashboard")  # --dashboard.inputs false, ...
 
 
 def main(args: list[str] | None = None) -> None:
     try:
-        LitCifarCLI(args=args)
+        cli = LitCifarCLI(args=args)
     except UserError as err:
         sys.exit(f"error: {err}")
+    if cli.subcommand == "predict" and any(
+        isinstance(c, PredictionWriter) and c.skipped for c in cli.trainer.callbacks
+    ):
+        sys.exit(SKIPPED_EXIT)  # some files could not be read (listed above)
 
 
 if __name__ == "__main__":

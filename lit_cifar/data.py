@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from lit_cifar import sources
+from lit_cifar import inference, sources
 from lit_cifar.errors import UserError
 
 # Per-channel statistics of the training images, over [0, 1] pixels.
@@ -44,6 +44,7 @@ class CIFARDataModule(L.LightningDataModule):
         padding_mode: str = "constant",
         fast: bool = True,
         checksums: dict[str, str] | None = None,
+        predict_dir: str | list[str] | None = None,
     ) -> None:
         """
         Args:
@@ -64,6 +65,8 @@ class CIFARDataModule(L.LightningDataModule):
                 RandomCrop) or reflect.
             fast: keep the data set as one tensor on the training device and augment per batch.
             checksums: md5 per file name, replacing the official ones (for data sets you made).
+            predict_dir: images to predict: a folder (PNG/JPEG, searched recursively), an image,
+                or a list of them; any size and mode (see `lit_cifar.inference`).
         """
         super().__init__()
         if dataset not in sources.DATASETS:
@@ -111,11 +114,13 @@ class CIFARDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ Lightning hooks
 
     def prepare_data(self) -> None:
+        if self.trainer is not None and self.trainer.predicting:
+            return  # prediction reads only its own images
         checksums = self.hparams.checksums or sources.expected_md5s(self.hparams.dataset)
         sources.prepare(self.hparams.data_dir, self.hparams.dataset, self.hparams.download, checksums)
 
     def setup(self, stage: str) -> None:
-        if self.data:
+        if self.data or stage == "predict":
             return
         loaded = sources.load(self.hparams.data_dir, self.hparams.dataset, self.hparams.checksums)
         self._classes = loaded["classes"]
@@ -142,6 +147,13 @@ class CIFARDataModule(L.LightningDataModule):
                 f"CIFAR pickles, which include one), or run `validate` instead."
             )
         return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self):
+        if self.hparams.predict_dir is None:
+            raise UserError("nothing to predict: give images with --data.predict_dir FOLDER_OR_IMAGE.")
+        return inference.image_loader(
+            self.hparams.predict_dir, self.hparams.batch_size, self.hparams.num_workers
+        )
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         # (B, 3, 32, 32) uint8 on the device -> float32, augmented when training on the fast path.

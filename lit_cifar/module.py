@@ -30,6 +30,7 @@ class CIFARClassifier(L.LightningModule):
         warmup_fraction: float = 0.2,
         channels_last: bool = True,
         compile: bool = False,
+        flip_tta: bool = False,
     ) -> None:
         """
         Args:
@@ -44,6 +45,8 @@ class CIFARClassifier(L.LightningModule):
             warmup_fraction: fraction of all steps spent warming up (onecycle).
             channels_last: NHWC memory format for the net and its inputs (faster convs on most devices).
             compile: torch.compile the net.
+            flip_tta: at evaluation and prediction, average the logits of each image and its mirror
+                image (test-time augmentation; training is unchanged).
         """
         super().__init__()
         if net not in NETS:
@@ -64,6 +67,7 @@ class CIFARClassifier(L.LightningModule):
             MulticlassAccuracy(num_classes, average="micro", validate_args=False) for _ in range(3)
         )
         self.val_acc_best = MaxMetric()
+        self.test_acc_per_class = MulticlassAccuracy(num_classes, average=None)  # (C,): each class's recall
 
     @property
     def class_names(self) -> list[str]:
@@ -84,15 +88,24 @@ class CIFARClassifier(L.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 
+    def evaluate(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for evaluation: (B, num_classes), with mirror-image averaging when flip_tta is on."""
+        logits = self(x)
+        if self.hparams.flip_tta:
+            logits = (logits + self(x.flip(3))) / 2
+        return logits
+
     # ------------------------------------------------------------------ steps
 
     def _step(self, batch, stage: str) -> torch.Tensor:
         x, y = batch
-        logits = self(x)
+        logits = self(x) if stage == "train" else self.evaluate(x)
         smoothing = self.hparams.label_smoothing if stage == "train" else 0.0
         loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
         acc = getattr(self, f"{stage}_acc")
         acc(logits, y)
+        if stage == "test":
+            self.test_acc_per_class.update(logits, y)
         # Tensors go to self.log as they are: Lightning reads them only every log_every_n_steps,
         # so the hot loop never waits on the device.
         if stage == "train":  # train/loss_step (sparse) and train/loss_epoch (the seed's "Average Loss")
@@ -113,7 +126,7 @@ class CIFARClassifier(L.LightningModule):
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, list | tuple) else batch
-        return self(x).softmax(dim=-1)  # (B, num_classes) class probabilities
+        return self.evaluate(x).softmax(dim=-1)  # (B, num_classes) class probabilities
 
     def on_train_start(self) -> None:
         self.val_acc_best.reset()  # forget the sanity check's accuracy
@@ -122,6 +135,12 @@ class CIFARClassifier(L.LightningModule):
         if not self.trainer.sanity_checking:
             self.val_acc_best(self.val_acc.compute())
             self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True)
+
+    def on_test_epoch_end(self) -> None:
+        # One row per class in the results table, beside test/acc: test/acc_<class name>.
+        for name, acc in zip(self.class_names, self.test_acc_per_class.compute(), strict=True):
+            self.log(f"test/acc_{name}", acc)
+        self.test_acc_per_class.reset()
 
     # ------------------------------------------------------------------ optimization
 
