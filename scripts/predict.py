@@ -1,0 +1,57 @@
+"""Predict the classes of your own images with a trained checkpoint; write a CSV, print a table.
+
+    python scripts/predict.py lightning_logs/version_0/checkpoints/last.ckpt photos/ cat.jpg
+    python scripts/predict.py last.ckpt photos/ --output out/predictions.csv --batch-size 256
+
+Any PNG/JPEG of any size and mode (folders are searched recursively) is made the way CIFAR was
+(RGB, resized to 32x32) and prepared as the model's training data was (normalized or not, read
+from the checkpoint). Unreadable files are listed and skipped: the exit status is then 3
+(lit_cifar.inference.SKIPPED_EXIT); 0 when every image was predicted, 1 on an error.
+The same as `lit-cifar predict --ckpt_path CKPT --data.predict_dir DIR`.
+"""
+
+import argparse
+import sys
+
+import lightning as L
+
+from lit_cifar.data import CIFARDataModule
+from lit_cifar.errors import UserError
+from lit_cifar.inference import SKIPPED_EXIT, PredictionWriter, load_model
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
+    parser.add_argument("ckpt", help="a checkpoint written by training (.ckpt)")
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="images, or folders of them")
+    parser.add_argument("--output", help="the CSV to write (default: predictions.csv here)")
+    parser.add_argument("--batch-size", type=int, help="images per batch (default: data.batch_size)")
+    parser.add_argument("--num-workers", type=int, help="decoding processes (default: data.num_workers)")
+    parser.add_argument("--accelerator", help="cpu, gpu, mps, auto (default: the Trainer's, auto)")
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
+    given = vars(args)
+    try:
+        model, settings = load_model(args.ckpt)
+        loader = {k: given[k] for k in ("batch_size", "num_workers") if k in given}
+        data = CIFARDataModule(**settings, **loader, predict_dir=list(args.inputs))
+        writer = PredictionWriter(**({"output": args.output} if "output" in given else {}))
+        trainer = L.Trainer(
+            **({"accelerator": args.accelerator} if "accelerator" in given else {}),
+            devices=1,  # one process: a CSV in input order, no launcher
+            logger=False,
+            callbacks=[writer],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.predict(model, datamodule=data, return_predictions=False)
+    except UserError as err:
+        sys.exit(f"error: {err}")
+    if writer.skipped:
+        sys.exit(SKIPPED_EXIT)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
