@@ -86,6 +86,8 @@ class CIFARClassifier(L.LightningModule):
         # (B, 3, 32, 32) normalized images -> (B, num_classes) logits
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if torch.jit.is_tracing():  # log_graph traces the plain net: a compiled one cannot be traced
+            return self.net.forward(x)
         return self.net(x)
 
     def evaluate(self, x: torch.Tensor) -> torch.Tensor:

@@ -301,8 +301,18 @@ def parse_sets(pairs: list[str]) -> dict[str, dict]:
             raise UserError(
                 f"--set {pair!r}: expected model.NAME=VALUE, data.NAME=VALUE or trainer.NAME=VALUE."
             )
-        out[section][name] = yaml.safe_load(value)
+        out[section][name] = _number(value) if _number(value) is not None else yaml.safe_load(value)
     return out
+
+
+def _number(text: str) -> int | float | None:
+    """A number when the text is one: 4e-3 -> 0.004 (PyYAML, following YAML 1.1, reads a string)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return None
 
 
 def build(args: argparse.Namespace, data_dir: str, checksums: dict | None, sets: dict):
