@@ -64,7 +64,7 @@ class CIFARDataModule(L.LightningDataModule):
             padding_mode: how those pixels are filled: constant (zeros, as torchvision's
                 RandomCrop) or reflect.
             fast: keep the data set as one tensor on the training device and augment per batch.
-            checksums: md5 per file name, replacing the official ones (for data sets you made).
+            checksums: md5 per file name, replacing the official ones for those files (for data you made).
             predict_dir: images to predict: a folder (PNG/JPEG, searched recursively), an image,
                 or a list of them; any size and mode (see `lit_cifar.inference`).
         """
@@ -75,9 +75,9 @@ class CIFARDataModule(L.LightningDataModule):
             raise UserError(f"batch_size must be at least 1, got {batch_size}.")
         if num_workers < 0:
             raise UserError(f"num_workers must be 0 or more, got {num_workers}.")
-        if val_size <= 0:
+        if val_size <= 0 or (val_size > 1 and val_size != int(val_size)):
             raise UserError(
-                f"val_size must be a fraction in (0, 1) or a count of at least 1, got {val_size}."
+                f"val_size must be a fraction in (0, 1) or a whole count of at least 1, got {val_size}."
             )
         if padding_mode not in ("constant", "reflect"):
             raise UserError(f"padding_mode must be constant or reflect, got {padding_mode!r}.")
@@ -97,7 +97,7 @@ class CIFARDataModule(L.LightningDataModule):
             return sources.folder_classes(Path(self.hparams.data_dir) / "train")
         if self.hparams.dataset == "cifar10":
             return CIFAR10_CLASSES
-        return [f"class_{i}" for i in range(100)]  # real names come from the files in setup()
+        return sources.CIFAR100_CLASSES  # the files' own names replace these in setup()
 
     @property
     def num_classes(self) -> int:
@@ -116,8 +116,9 @@ class CIFARDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         if self.trainer is not None and self.trainer.predicting:
             return  # prediction reads only its own images
-        checksums = self.hparams.checksums or sources.expected_md5s(self.hparams.dataset)
-        sources.prepare(self.hparams.data_dir, self.hparams.dataset, self.hparams.download, checksums)
+        hp = self.hparams
+        n = sources.prepare(hp.data_dir, hp.dataset, hp.download, hp.checksums)
+        split_indices(n, hp.val_size, hp.split_seed)  # a bad val_size fails here, before any log is written
 
     def setup(self, stage: str) -> None:
         if self.data or stage == "predict":

@@ -1,0 +1,501 @@
+"""The data layer: every source, every bad input through the real entry points, the cache, the split.
+
+python -m pytest tests/test_data.py -q
+"""
+
+import hashlib
+import os
+import pickle
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_batches, write_image_folder
+from PIL import Image
+
+from lit_cifar import CIFARDataModule, sources
+from lit_cifar.cli import LitCifarCLI, main
+from lit_cifar.data import TensorLoader, split_indices
+from lit_cifar.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+FIT = ["lit-cifar", "fit", "--trainer.accelerator=cpu", "--trainer.max_epochs=1"]
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def md5s_of(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+
+
+def checksum_config(md5s: dict[str, str]) -> str:
+    """A config that gives the tests' own md5s: verification stays on, against these."""
+    path = Path("checksums.yaml")
+    path.write_text("data:\n  checksums:\n" + "".join(f"    {k}: {v}\n" for k, v in md5s.items()))
+    return f"--config={path}"
+
+
+def write_archive(batches_root: Path, dest: Path) -> tuple[Path, dict[str, str]]:
+    """dest/cifar-10-python.tar.gz holding batches_root's cifar-10-batches-py; returns (path, md5s)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = dest / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(batches_root / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    md5s = md5s_of(batches_root / "cifar-10-batches-py")
+    md5s[archive.name] = hashlib.md5(archive.read_bytes()).hexdigest()
+    return archive, md5s
+
+
+def write_cifar100(root: Path, n_train: int = 40, n_test: int = 10) -> tuple[Path, dict[str, str]]:
+    """root/cifar-100-python in CIFAR-100's pickle layout; returns (root, md5 per file name)."""
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(2)
+    for name, n in (("train", n_train), ("test", n_test)):
+        fine = torch.randint(0, 100, (n,), generator=g).tolist()
+        data = torch.randint(0, 256, (n, 3072), generator=g, dtype=torch.uint8).numpy()
+        entry = {"data": data, "fine_labels": fine, "coarse_labels": [f // 5 for f in fine], "filenames": []}
+        (folder / name).write_bytes(pickle.dumps(entry))
+    meta = {"fine_label_names": sources.CIFAR100_CLASSES, "coarse_label_names": [str(i) for i in range(20)]}
+    (folder / "meta").write_bytes(pickle.dumps(meta))
+    return root, md5s_of(folder)
+
+
+def snapshot(root: Path) -> set[str]:
+    """Every file and folder under root (but matplotlib's font cache, which it writes on import)."""
+    paths = {str(p.relative_to(root)) for p in root.rglob("*")}
+    return {p for p in paths if "matplotlib" not in p and p != "user-cache"}
+
+
+def fails(*args: str) -> str:
+    """Run an entry point that must refuse its input; return what it printed for the user."""
+    proc = subprocess.run(args, capture_output=True, text=True)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "error: " in proc.stderr, proc.stderr[-3000:]
+    message = proc.stderr[proc.stderr.index("error: ") :]
+    assert len(message.splitlines()) <= 6, message  # short: the problem and the fix
+    return message
+
+
+def loaded(data_dir: Path, **kwargs) -> CIFARDataModule:
+    dm = CIFARDataModule(str(data_dir), **kwargs)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+# ---------------------------------------------------------------------------- sources
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpg"])
+def test_image_folder_png_and_jpeg_with_grayscale_and_rgba(tmp_path, fmt):
+    root = write_image_folder(tmp_path / "images", per_class=10, test_per_class=2, fmt=fmt)
+    Image.new("L", (32, 32), 90).save(root / f"train/cat/0000.{fmt}")  # grayscale
+    # RGBA (alpha dropped) for PNG; JPEG has no alpha, so CMYK there
+    other = Image.new("RGBA", (32, 32), (200, 30, 60, 128)) if fmt == "png" else Image.new("CMYK", (32, 32))
+    other.save(root / f"train/dog/0000.{fmt}")
+    data = sources.load(root)
+    x, y = data["train"]
+    assert x.shape == (30, 3, 32, 32) and x.dtype == torch.uint8 and data["classes"] == ["cat", "dog", "ship"]
+    assert y.tolist() == [0] * 10 + [1] * 10 + [2] * 10
+    assert data["test"][0].shape == (6, 3, 32, 32)
+    # Every pixel as PIL reads it in RGB (JPEG decoders may round differently, by a step or two).
+    for i, path in ((0, "train/cat/0000"), (10, "train/dog/0000"), (25, "train/ship/0005")):
+        ref = torch.from_numpy(np.asarray(Image.open(root / f"{path}.{fmt}").convert("RGB")).copy())
+        assert (x[i].permute(1, 2, 0).int() - ref.int()).abs().max() <= (0 if fmt == "png" else 2)
+    assert (x[0, 0] == x[0, 1]).all() and (x[0, 1] == x[0, 2]).all()  # gray became three equal channels
+
+
+def test_batches_verified_against_given_checksums(batches):
+    root, md5s = batches
+    dm = loaded(root, checksums=md5s, val_size=6)
+    assert [len(dm.data[s][1]) for s in ("train", "val", "test")] == [54, 6, 12]
+    assert dm.classes[:2] == ["airplane", "automobile"] and dm.num_classes == 10
+    # Without them the official md5s apply, and the tests' own files fail: verification is never off.
+    with pytest.raises(UserError, match="data_batch_1 fails its md5 check"):
+        sources.load(str(root))
+
+
+def test_placed_archive_is_verified_and_extracted_offline(tmp_path, batches, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network was used")
+
+    monkeypatch.setattr(sources, "download_url", no_network)
+    monkeypatch.setattr("torchvision.datasets.utils.download_url", no_network)
+    archive, md5s = write_archive(batches[0], tmp_path / "placed")
+    dm = loaded(archive.parent, checksums=md5s, val_size=6)
+    assert len(dm.data["train"][1]) == 54 and len(dm.data["test"][1]) == 12
+    assert (archive.parent / "cifar-10-batches-py" / "data_batch_5").is_file()
+    assert not [p for p in archive.parent.iterdir() if p.name.startswith(".lit-cifar-tmp")]
+
+
+def test_download_through_torchvision(tmp_path, batches, monkeypatch):
+    archive, md5s = write_archive(batches[0], tmp_path / "server")
+    calls = []
+
+    def fake_download(url, root, filename, md5):
+        calls.append((url, filename, md5))
+        shutil.copy(archive, Path(root) / filename)
+
+    monkeypatch.setattr(sources, "download_url", fake_download)
+    dm = loaded(tmp_path / "fresh" / "data", checksums=md5s, val_size=6)
+    assert calls == [(sources.CIFAR10.url, "cifar-10-python.tar.gz", md5s["cifar-10-python.tar.gz"])]
+    assert len(dm.data["train"][1]) == 54
+    assert sorted(p.name for p in (tmp_path / "fresh" / "data").iterdir()) == [
+        ".lit-cifar-cache",
+        "cifar-10-batches-py",
+        "cifar-10-python.tar.gz",
+    ]
+
+
+def test_cifar100_trains_with_100_classes_through_the_cli(tmp_path):
+    root, md5s = write_cifar100(tmp_path / "c100")
+    args = [
+        checksum_config(md5s),
+        "--data.dataset=cifar100",
+        f"--data.data_dir={root}",
+        "--trainer.fast_dev_run=1",
+        "--trainer.accelerator=cpu",
+    ]
+    cli = LitCifarCLI(args=args, run=False)
+    assert cli.model.hparams.num_classes == 100 and cli.model.net[-1].out_features == 100
+    assert cli.model.hparams.class_names == sources.CIFAR100_CLASSES
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.datamodule.classes == sources.CIFAR100_CLASSES  # as read from the meta file
+    assert len(cli.datamodule.data["train"][1]) == 36 and cli.trainer.state.finished
+
+
+# ---------------------------------------------------------------------------- bad input, end to end
+
+
+def _image_folder(tmp: Path, test: bool = False) -> Path:
+    return write_image_folder(tmp / "images", per_class=8, test_per_class=2 if test else 0)
+
+
+def bad_missing_dir(tmp):
+    return [f"--data.data_dir={tmp / 'nowhere'}", "--data.download=false"], [
+        f"{tmp / 'nowhere'} does not exist and download is off",
+        "cifar-10-python.tar.gz",
+        "cifar-10-batches-py/",
+        "train/<class>",
+    ]
+
+
+def bad_empty_dir(tmp):
+    (tmp / "empty").mkdir()
+    return [f"--data.data_dir={tmp / 'empty'}", "--data.download=false"], [
+        f"{tmp / 'empty'} holds no cifar10 data and download is off",
+        "Supply the data by hand",
+    ]
+
+
+def bad_data_dir_is_a_file(tmp):
+    (tmp / "data.zip").write_bytes(b"PK")
+    return [f"--data.data_dir={tmp / 'data.zip'}"], [f"{tmp / 'data.zip'} is a file", "point data_dir"]
+
+
+def bad_empty_class_folder(tmp):
+    root = _image_folder(tmp)
+    (root / "train" / "bird").mkdir()
+    return [f"--data.data_dir={root}"], [f"{root / 'train' / 'bird'} holds no images", "remove the folder"]
+
+
+def bad_non_image_file(tmp):
+    root = _image_folder(tmp)
+    (root / "train" / "dog" / "notes.txt").write_text("not a picture")
+    return [f"--data.data_dir={root}"], [
+        f"{root / 'train' / 'dog' / 'notes.txt'}",
+        "not PNG or JPEG",
+        "Move them out",
+    ]
+
+
+def bad_corrupt_image(tmp):
+    root = _image_folder(tmp)
+    png = root / "train" / "cat" / "0003.png"
+    png.write_bytes(png.read_bytes()[:60])  # truncated mid-file
+    (root / "train" / "ship" / "0001.png").write_bytes(b"\x89PNG garbage")
+    return [f"--data.data_dir={root}"], [
+        "2 file(s)",
+        f"{png}",
+        f"{root / 'train' / 'ship' / '0001.png'}",
+        "corrupt or truncated",
+        "Replace or remove them",
+    ]
+
+
+def bad_train_test_classes_differ(tmp):
+    root = _image_folder(tmp, test=True)
+    (root / "test" / "ship").rename(root / "test" / "boat")
+    return [f"--data.data_dir={root}"], [
+        "different class folders",
+        "only in train: ['ship']",
+        "only in test: ['boat']",
+        "make them the same",
+    ]
+
+
+def bad_not_32x32(tmp):
+    root = _image_folder(tmp)
+    for name in ("cat/0002.png", "cat/0005.png", "dog/0000.png", "ship/0007.png"):
+        Image.new("RGB", (40, 30)).save(root / "train" / name)
+    return [f"--data.data_dir={root}"], [
+        "4 image(s)",
+        f"{root / 'train/cat/0002.png'} (40x30), {root / 'train/cat/0005.png'} (40x30)",
+        "(and 1 more)",
+        "resize them to 32x32 first",
+    ]
+
+
+def _batches(tmp: Path):
+    root, md5s = write_batches(tmp / "pickles")
+    return root, root / "cifar-10-batches-py", checksum_config(md5s)
+
+
+def bad_batch_truncated(tmp):
+    root, folder, config = _batches(tmp)
+    path = folder / "data_batch_3"
+    path.write_bytes(path.read_bytes()[:1000])
+    return [config, f"--data.data_dir={root}"], [f"{path} fails its md5 check", f"delete {folder}"]
+
+
+def bad_batch_tampered(tmp):
+    root, folder, config = _batches(tmp)
+    path = folder / "test_batch"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1  # one bit, same size
+    path.write_bytes(bytes(data))
+    return [config, f"--data.data_dir={root}"], [f"{path} fails its md5 check", "supply the data again"]
+
+
+def bad_batch_missing(tmp):
+    root, folder, config = _batches(tmp)
+    (folder / "data_batch_2").unlink()
+    return [config, f"--data.data_dir={root}"], [
+        f"{folder / 'data_batch_2'} is missing",
+        "copy the whole cifar-10-batches-py/ folder again",
+    ]
+
+
+def bad_archive_tampered(tmp):
+    batches_root, _ = write_batches(tmp / "src")
+    archive, md5s = write_archive(batches_root, tmp / "placed")
+    data = bytearray(archive.read_bytes())
+    data[-100] ^= 1
+    archive.write_bytes(bytes(data))
+    return [checksum_config(md5s), f"--data.data_dir={archive.parent}"], [
+        f"{archive} fails its md5 check",
+        "delete it and download or copy it again",
+    ]
+
+
+def bad_val_size_zero(tmp):
+    return [f"--data.data_dir={_image_folder(tmp)}", "--data.val_size=0"], ["val_size must be", "got 0"]
+
+
+def bad_val_size_whole_train_set(tmp):
+    return [f"--data.data_dir={_image_folder(tmp)}", "--data.val_size=24"], [
+        "val_size=24 holds out 24 of 24 training images",
+        "a count below 24",
+    ]
+
+
+# The data are fine here, only the setting is not: their cache is complete and serves the next run.
+bad_val_size_whole_train_set.keeps_cache = True
+
+
+def bad_batch_size_zero(tmp):
+    return [f"--data.data_dir={_image_folder(tmp)}", "--data.batch_size=0"], ["batch_size must be at least 1"]
+
+
+def bad_num_workers_negative(tmp):
+    return [f"--data.data_dir={_image_folder(tmp)}", "--data.num_workers=-1"], [
+        "num_workers must be 0 or more"
+    ]
+
+
+BAD_INPUTS = [v for k, v in dict(globals()).items() if k.startswith("bad_")]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c.__name__[4:] for c in BAD_INPUTS])
+def test_bad_input_clear_error_nothing_written(tmp_path, case):
+    args, expected = case(tmp_path)
+    before = snapshot(tmp_path)
+    message = fails(*FIT, *args)
+    for text in expected:
+        assert text in message, f"{text!r} not in:\n{message}"
+    written = snapshot(tmp_path) - before
+    if getattr(case, "keeps_cache", False):
+        [cache] = [tmp_path / p for p in written if p.endswith(".pt")]
+        assert sources._read_cache(cache) is not None and written == {
+            str(cache.parent.relative_to(tmp_path)),
+            str(cache.relative_to(tmp_path)),
+        }
+    else:
+        assert written == set()  # no cache, no extracted folder, no log folder, no temporary file
+
+
+def test_train_script_refuses_bad_input_the_same_way(tmp_path):
+    root = _image_folder(tmp_path)
+    (root / "train" / "cat" / "0001.png").write_bytes(b"")
+    before = snapshot(tmp_path)
+    message = fails(sys.executable, str(REPO / "scripts/train.py"), "--accelerator=cpu", f"--data-dir={root}")
+    assert f"{root / 'train' / 'cat' / '0001.png'}" in message and "corrupt or truncated" in message
+    assert snapshot(tmp_path) == before
+
+
+def test_failed_download_says_what_was_tried_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    def offline(url, root, filename, md5):
+        (Path(root) / filename).write_bytes(b"the first bytes of an archive")  # a download cut off
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(sources, "download_url", offline)
+    data_dir = tmp_path / "new" / "data"
+    before = snapshot(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", f"--data.data_dir={data_dir}", "--trainer.accelerator=cpu", "--trainer.max_epochs=1"])
+    message = str(exit_.value.code)
+    assert message.startswith("error: could not download cifar10 from https://")
+    assert "Temporary failure in name resolution" in message
+    assert (
+        f"Checked {data_dir}: no image folder, no cifar-10-batches-py/, no cifar-10-python.tar.gz" in message
+    )
+    assert f"put cifar-10-python.tar.gz in {data_dir}" in message and "train/<class>" in message
+    assert "Traceback" not in capsys.readouterr().err
+    assert snapshot(tmp_path) == before  # not even the folders it made for the download
+
+
+def test_user_error_in_datamodule_init_reaches_main():
+    # LightningCLI builds the DataModule inside jsonargparse: the UserError must come through unwrapped.
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--data.batch_size=0", "--trainer.accelerator=cpu"])
+    assert exit_.value.code == "error: batch_size must be at least 1, got 0."
+
+
+def test_val_size_must_be_a_fraction_or_a_whole_count():
+    with pytest.raises(UserError, match="whole count"):
+        CIFARDataModule(val_size=2.5)
+    assert CIFARDataModule(val_size=5000.0).hparams.val_size == 5000.0  # flat flags give floats
+
+
+def test_archive_in_read_only_folder(tmp_path, batches):
+    archive, md5s = write_archive(batches[0], tmp_path / "placed")
+    archive.parent.chmod(0o555)
+    try:
+        with pytest.raises(UserError, match="is read-only: extract it yourself"):
+            sources.prepare(str(archive.parent), checksums=md5s)
+        assert [p.name for p in archive.parent.iterdir()] == ["cifar-10-python.tar.gz"]
+    finally:
+        archive.parent.chmod(0o755)
+
+
+# ---------------------------------------------------------------------------- cache
+
+
+def cache_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.pt"))
+
+
+def test_changed_folder_is_decoded_again(image_folder):
+    cache = image_folder / ".lit-cifar-cache"
+    first = sources.load(image_folder)
+    assert len(cache_files(cache)) == 1
+    Image.new("RGB", (32, 32), (7, 7, 7)).save(image_folder / "train" / "cat" / "0000.png")  # rewritten
+    second = sources.load(image_folder)
+    assert (second["train"][0][0] == 7).all() and not (first["train"][0][0] == 7).all()
+    Image.new("RGB", (32, 32)).save(image_folder / "train" / "dog" / "extra.png")  # added
+    third = sources.load(image_folder)
+    assert len(third["train"][1]) == len(first["train"][1]) + 1
+    assert len(cache_files(cache)) == 1  # the caches of earlier contents are dropped
+
+
+def test_damaged_cache_is_ignored_and_rebuilt(image_folder):
+    first = sources.load(image_folder)
+    [cache] = cache_files(image_folder / ".lit-cifar-cache")
+    cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])  # as if cut off mid-write
+    again = sources.load(image_folder)
+    assert torch.equal(again["train"][0], first["train"][0])
+    assert sources._read_cache(cache) is not None  # written whole again
+
+
+def test_interrupted_cache_write_leaves_nothing(image_folder, monkeypatch):
+    def killed(obj, f):
+        f.write(b"the first part of a cache")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        sources.load(image_folder)
+    assert list((image_folder / ".lit-cifar-cache").iterdir()) == []
+
+
+def test_leftovers_of_a_killed_run_are_swept(image_folder):
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    cache = image_folder / ".lit-cifar-cache"
+    cache.mkdir()
+    leftover = cache / f".lit-cifar-tmp-{socket.gethostname()}-{dead.stdout.strip()}-x1"
+    leftover.write_bytes(b"half a cache")
+    running = cache / f".lit-cifar-tmp-{socket.gethostname()}-{os.getpid()}-x2"  # a live writer's file
+    running.write_bytes(b"being written")
+    sources.load(image_folder)
+    assert not leftover.exists() and running.exists() and len(cache_files(cache)) == 1
+
+
+def test_read_only_data_folder_caches_in_user_folder(image_folder, monkeypatch):
+    before = snapshot(image_folder)
+    image_folder.chmod(0o555)  # chmod a-w: we run as root, so the mode bits decide
+    try:
+        first = sources.load(image_folder)
+        assert len(cache_files(Path(os.environ["XDG_CACHE_HOME"]) / "lit-cifar")) == 1
+
+        def no_decoding(root):
+            raise AssertionError("decoded again despite the cache")
+
+        monkeypatch.setattr(sources, "_read_folder", no_decoding)
+        assert torch.equal(sources.load(image_folder)["train"][0], first["train"][0])
+    finally:
+        image_folder.chmod(0o755)
+    assert snapshot(image_folder) == before
+
+
+# ---------------------------------------------------------------------------- split
+
+
+def test_split_is_the_same_on_every_machine():
+    # Pinned values: a torch that permuted differently would move images between train and val.
+    train, val = split_indices(50_000, 0.1, seed=0)
+    assert (len(train), len(val)) == (45_000, 5_000)
+    assert val[:8].tolist() == [1, 11, 23, 39, 44, 53, 65, 66]
+
+
+def test_split_does_not_depend_on_the_loader_settings(image_folder):
+    runs = [loaded(image_folder, fast=f, num_workers=w) for f, w in ((True, 0), (False, 0), (False, 2))]
+    for dm in runs[1:]:  # later runs read the cache the first one wrote: stable across runs too
+        for split in ("train", "val"):
+            assert torch.equal(dm.data[split][0], runs[0].data[split][0])
+            assert torch.equal(dm.data[split][1], runs[0].data[split][1])
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_ranks_shard_the_train_split_disjointly(image_folder, world_size):
+    dm = loaded(image_folder)  # the split is made before sharding, the same on every rank
+    x, _ = dm.data["train"]
+    ids = torch.arange(len(x))  # which training image each row is
+    shards = []
+    for rank in range(world_size):
+        loader = TensorLoader(x, ids, batch_size=8, shuffle=True, seed=0, rank=rank, world_size=world_size)
+        shards.append(torch.cat([batch_ids for _, batch_ids in loader]).tolist())
+    seen = [i for shard in shards for i in shard]
+    assert len({len(s) for s in shards}) == 1  # equal shards: no rank waits at the last step
+    assert len(seen) == len(set(seen)) >= len(x) - (world_size - 1)
