@@ -12,6 +12,8 @@ Tags it writes (with a TensorBoardLogger; without one it does nothing):
   HParams tab                   model + data hyperparameters, metrics val/acc_best and test/acc
 """
 
+import math
+
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -40,7 +42,7 @@ class TensorBoardDashboard(Callback):
         confusion_matrix: bool = True,
         misclassified: bool = True,
         hparams: bool = True,
-        num_images: int = 8,
+        num_images: int = 10,
         max_channels: int = 16,
         num_misclassified: int = 16,
     ) -> None:
@@ -51,7 +53,7 @@ class TensorBoardDashboard(Callback):
             confusion_matrix: the confusion matrix over the validation (and test) set, per epoch.
             misclassified: at test time, a grid of misclassified test images.
             hparams: the HParams tab: this run's hyperparameters with metrics val/acc_best, test/acc.
-            num_images: how many validation images make the fixed batch (the first ones of the split).
+            num_images: how many validation images make the fixed batch (spread over the split).
             max_channels: feature-map channels shown per layer (the first ones).
             num_misclassified: misclassified test images shown.
         """
@@ -74,7 +76,8 @@ class TensorBoardDashboard(Callback):
         self._hook = None
         self._preds: list[torch.Tensor] = []  # (B,) per batch, kept on the device until the epoch ends
         self._targets: list[torch.Tensor] = []
-        self._wrong: tuple[torch.Tensor, ...] | None = None  # (x, y, pred, is_wrong), at most K rows
+        self._wrong: tuple[torch.Tensor, ...] | None = None  # (x, y, pred, key), at most K rows
+        self._picked: list[tuple[torch.Tensor, torch.Tensor]] = []  # parts of the fixed batch
 
     # ------------------------------------------------------------------ hooks
 
@@ -102,15 +105,14 @@ class TensorBoardDashboard(Callback):
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:
         x, y = batch[0], batch[1]
-        if self._fixed is None and dataloader_idx == 0:
-            # The first images of the unshuffled validation split: the same ones every epoch.
-            self._fixed = (x[: self.num_images].detach().clone(), y[: self.num_images].clone())
+        if self._fixed is None and dataloader_idx == 0 and not trainer.sanity_checking:
+            self._pick_fixed(x, y, batch_idx, trainer.num_val_batches[0])
         self._collect(y)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._collect(batch[1])
         if self.misclassified and self._logits is not None:
-            self._keep_wrong(batch[0], batch[1], self._logits.argmax(1))
+            self._keep_wrong(batch[0], batch[1], self._logits.argmax(1), batch_idx)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         logger = _tensorboard(trainer)
@@ -127,7 +129,8 @@ class TensorBoardDashboard(Callback):
             if self.confusion_matrix:
                 self._log_confusion_matrix(trainer, pl_module, logger, "test")
             if self.misclassified and trainer.is_global_zero and self._wrong is not None:
-                x, y, pred, wrong = (t.cpu() for t in self._wrong)  # the one host sync of the test epoch
+                x, y, pred, key = (t.cpu() for t in self._wrong)  # the one host sync of the test epoch
+                wrong = key >= 1
                 if wrong.any():
                     images = _for_display(x[wrong], trainer)
                     figure = _image_figure(
@@ -162,14 +165,26 @@ class TensorBoardDashboard(Callback):
             self._preds.append(self._logits.argmax(1))
             self._targets.append(y)
 
-    def _keep_wrong(self, x: torch.Tensor, y: torch.Tensor, pred: torch.Tensor) -> None:
-        # A running pick of K images, wrong ones first, in fixed shapes: no host sync per batch.
-        parts = (x.detach(), y, pred, pred != y)
+    def _pick_fixed(self, x: torch.Tensor, y: torch.Tensor, batch_idx: int, num_batches: float) -> None:
+        # The fixed images: the first ones of evenly spaced batches of the unshuffled validation split
+        # (so they span the classes when the files are sorted by class); the same ones every epoch.
+        num_batches = int(num_batches) if math.isfinite(num_batches) else 1
+        wanted = [i * num_batches // self.num_images for i in range(self.num_images)]  # a batch per image
+        if take := wanted.count(batch_idx):
+            self._picked.append((x[:take].detach().clone(), y[:take].clone()))
+        if batch_idx >= wanted[-1] and self._picked:
+            self._fixed = (torch.cat([p[0] for p in self._picked]), torch.cat([p[1] for p in self._picked]))
+
+    def _keep_wrong(self, x: torch.Tensor, y: torch.Tensor, pred: torch.Tensor, batch_idx: int) -> None:
+        # A running pick of K images in fixed shapes (no host sync per batch): the top K keys, where
+        # wrong images score 1 + u and right ones u, u in [0, 1) a golden-ratio sequence over the
+        # image's position, so the kept wrong ones spread over the whole test set.
+        position = batch_idx * len(y) + torch.arange(len(y), device=y.device)
+        key = (pred != y).float() + (position * 0.6180339887) % 1
+        parts = (x.detach(), y, pred, key)
         if self._wrong is not None:
             parts = tuple(torch.cat([old, new]) for old, new in zip(self._wrong, parts, strict=True))
-        order = torch.sort(parts[3].to(torch.uint8), descending=True, stable=True).indices[
-            : self.num_misclassified
-        ]
+        order = torch.topk(parts[3], min(self.num_misclassified, len(parts[3]))).indices
         self._wrong = tuple(p[order] for p in parts)
 
     # ------------------------------------------------------------------ pictures
@@ -253,7 +268,7 @@ def _render(figure: Figure) -> np.ndarray:
 def _image_figure(images, labels, preds, class_names: list[str], title: str) -> np.ndarray:
     """A grid of (N, 3, H, W) [0, 1] images, each titled `true` / `predicted` (green right, red wrong)."""
     n = len(images)
-    cols = min(n, 8)
+    cols = min(n, 10)
     rows = max(1, -(-n // cols))
     figure = Figure(figsize=(1.3 * cols, 1.55 * rows + 0.3), dpi=80)
     figure.suptitle(f"{title}: true label → predicted", fontsize=9)
@@ -303,18 +318,18 @@ def _tensorboard(trainer: Trainer) -> TensorBoardLogger | None:
 
 
 def _run_hparams(trainer: Trainer, pl_module: LightningModule) -> dict:
-    """The model's and the data's scalar hyperparameters (None as "None"), as the HParams tab shows them.
+    """The model's and the data's hyperparameters that are numbers, flags or words, for the HParams tab.
 
-    Lists and dicts (class names, checksums) are left out: they stay in the run's hparams.yaml.
+    Unset ones (None), lists and dicts (class names, checksums) are left out: hparams.yaml has them all.
     """
     params = dict(pl_module.hparams_initial)
     if trainer.datamodule is not None:
         params.update(trainer.datamodule.hparams_initial)
     return {
-        k: "None" if v is None else v
+        k: v
         for k, v in params.items()
         if not k.startswith("_")  # Lightning's own bookkeeping (e.g. the CLI's instantiator)
-        and (v is None or isinstance(v, bool | int | float | str))
+        and isinstance(v, bool | int | float | str)
     }
 
 

@@ -123,6 +123,25 @@ def test_feature_maps_are_per_channel_grids():
         assert tile.min() == 0 and tile.max() == 1
 
 
+def test_fixed_images_spread_over_the_validation_split():
+    dashboard = TensorBoardDashboard(num_images=4)
+    for b in range(8):  # 8 batches of 5 images; batch b holds label b
+        dashboard._pick_fixed(torch.full((5, 3, 2, 2), float(b)), torch.full((5,), b), b, num_batches=8)
+    assert dashboard._fixed[1].tolist() == [0, 2, 4, 6]
+
+
+def test_misclassified_pick_keeps_only_wrong_images_from_the_whole_set():
+    dashboard = TensorBoardDashboard(num_misclassified=4)
+    for b in range(6):  # one wrong prediction per batch, at position b
+        y = torch.zeros(8, dtype=torch.long)
+        pred = y.clone()
+        pred[b] = 1
+        dashboard._keep_wrong(torch.full((8, 3, 2, 2), float(b)), y, pred, b)
+    x, y, pred, key = dashboard._wrong
+    assert len(key) == 4 and (pred != y).all() and (key >= 1).all()
+    assert len(set(x[:, 0, 0, 0].tolist())) == 4  # from 4 different batches
+
+
 def test_images_are_shown_unnormalized():
     data = CIFARDataModule("unused", normalize=True)
     pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
