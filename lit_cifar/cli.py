@@ -4,17 +4,23 @@ lit-cifar fit --data.data_dir ../shared/cifar10-jpeg
 lit-cifar fit --config configs/seed.yaml
 lit-cifar test --ckpt_path lightning_logs/version_0/checkpoints/last.ckpt --data.data_dir DIR
 lit-cifar fit --print_config
+lit-cifar fit --ckpt_path last --data.data_dir DIR   # resume the newest run, in its own log folder
 """
 
+import glob
+import os
 import sys
 from pathlib import Path
 
+import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from lit_cifar.callbacks import TensorBoardDashboard
 from lit_cifar.data import CIFARDataModule
 from lit_cifar.errors import UserError
+from lit_cifar.guards import DivergenceGuard, check_fits, load_checkpoint
 from lit_cifar.inference import SKIPPED_EXIT, PredictionWriter, input_settings, load_model, read_checkpoint
 from lit_cifar.module import CIFARClassifier
 
@@ -27,6 +33,7 @@ TRAINER_DEFAULTS = {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
         "init_args": {"save_dir": ".", "default_hp_metric": False, "log_graph": True},
     },
+    "plugins": {"class_path": "lit_cifar.guards.SafeCheckpointIO"},  # atomic writes, weights-only reads
 }
 CHECKPOINT_DEFAULTS = {
     "monitor": "val/acc",
@@ -34,14 +41,83 @@ CHECKPOINT_DEFAULTS = {
     "save_last": True,
     "filename": "epoch{epoch:02d}-val_acc{val/acc:.4f}",
     "auto_insert_metric_name": False,
+    "enable_version_counter": False,  # last.ckpt is shared with LAST_CHECKPOINT_DEFAULTS' callback
+}
+# A second ModelCheckpoint keeps last.ckpt fresh within epochs, so a killed run loses at most
+# every_n_train_steps steps (the first one writes it at epoch ends).
+LAST_CHECKPOINT_DEFAULTS = {
+    "every_n_train_steps": 200,
+    "save_top_k": 0,
+    "save_last": True,
+    "enable_version_counter": False,
 }
 
 
 class LitCifarCLI(LightningCLI):
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, resume: str | None = None, **kwargs) -> None:
+        """`resume` (for run=False, as scripts/train.py does): a checkpoint to continue from, or
+        "last": the newest run's. `self.ckpt_path` is then the file to give `trainer.fit`."""
+        self.resume, self.ckpt_path, self._ckpt = resume, None, None
         kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
         kwargs.setdefault("seed_everything_default", SEED)
         super().__init__(CIFARClassifier, CIFARDataModule, *args, **kwargs)
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        # Before LightningCLI reads the checkpoint's hyperparameters: resolve "last", refuse a
+        # missing, foreign or unsafe file with one clear message.
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        path = config.get("ckpt_path") if subcommand else self.resume
+        if not path or path in ("best", "hpc", "registry") or path.startswith("registry:"):
+            return  # nothing to load, or Lightning's own lookups
+        resuming = path == "last" and subcommand in (None, "fit")
+        self.ckpt_path = self._find_last(config) if path == "last" else str(path)
+        self._ckpt = load_checkpoint(self.ckpt_path)
+        if subcommand:
+            config.ckpt_path = self.ckpt_path
+        if resuming:
+            self._continue_run(config, Path(self.ckpt_path), self._ckpt.get("global_step", 0))
+
+    @staticmethod
+    def _find_last(config) -> str:
+        """The last.ckpt written most recently by any run under the log folder (or checkpoint.dirpath)."""
+        logger, root = config.trainer.logger, config.trainer.default_root_dir or "."
+        init = getattr(logger, "init_args", None)
+        if config.checkpoint.dirpath:  # the user placed checkpoints themselves
+            pattern = glob.escape(os.path.join(config.checkpoint.dirpath, "last.ckpt"))
+        elif init is not None and {"save_dir", "name", "version"} <= set(vars(init)):  # TensorBoard, CSV
+            runs = os.path.normpath(
+                os.path.join(root if init.save_dir == "." else init.save_dir, init.name or "")
+            )
+            pattern = os.path.join(glob.escape(runs), "*", "checkpoints", "last.ckpt")
+        elif logger is False:  # no logger: Lightning writes to default_root_dir/checkpoints
+            pattern = glob.escape(os.path.join(root, "checkpoints", "last.ckpt"))
+        else:
+            raise UserError(
+                "--ckpt_path last cannot find the runs of this logger: give the checkpoint's path."
+            )
+        found = [Path(p) for p in glob.glob(pattern)]
+        if not found:
+            raise UserError(
+                f"nothing to resume: no {pattern}. Start a new run (without --ckpt_path last / --resume), "
+                f"or run from the folder (or with the --trainer.default_root_dir) of the run to continue."
+            )
+        last = max(found, key=lambda p: p.stat().st_mtime)
+        print(f"resuming from {last}", file=sys.stderr)
+        return str(last)
+
+    def _continue_run(self, config, last: Path, global_step: int) -> None:
+        """Log into the run's own folder: its version, its config.yaml rewritten, not a new run."""
+        init = getattr(config.trainer.logger, "init_args", None)
+        if init is None or config.checkpoint.dirpath or last.parent.name != "checkpoints":
+            return  # checkpoints placed by the user: the logs go to a new version as usual
+        run = last.parent.parent.name  # version_3 -> 3; a named version stays a name
+        num = run.removeprefix("version_")
+        init.version = int(num) if run.startswith("version_") and num.isdigit() else run
+        if "purge_step" in vars(init) and init.purge_step is None:
+            init.purge_step = int(global_step) + 1  # TensorBoard hides what was logged after the checkpoint
+        self.save_config_kwargs = {**self.save_config_kwargs, "overwrite": True}
 
     def before_instantiate_classes(self) -> None:
         # The default logger writes under --trainer.default_root_dir when one is given.
@@ -49,6 +125,7 @@ class LitCifarCLI(LightningCLI):
         logger, root = config.trainer.logger, config.trainer.default_root_dir
         if root and getattr(logger, "init_args", None) is not None and logger.init_args.save_dir == ".":
             logger.init_args.save_dir = root
+        self._check_trainer_settings(config.trainer)
         if self.subcommand in ("validate", "test", "predict"):
             self._inputs_as_trained(config)
 
@@ -65,8 +142,31 @@ class LitCifarCLI(LightningCLI):
                 print(f"data.{key}={value} (as the checkpoint was trained)", file=sys.stderr)
                 config.data[key] = value
 
+    @staticmethod
+    def _check_trainer_settings(trainer) -> None:
+        # What the Trainer would only notice after setup, or explain poorly, refused up front.
+        epochs = trainer.max_epochs
+        if epochs is not None and (epochs == 0 or epochs < -1):
+            raise UserError(f"max_epochs must be at least 1 (or -1: no limit), got {epochs}.")
+        accel = trainer.accelerator
+        if accel in ("gpu", "cuda") and not torch.cuda.is_available():
+            if accel == "cuda" or not torch.backends.mps.is_available():
+                raise UserError(
+                    f"accelerator {accel!r} asked for, but this machine has no usable GPU (torch "
+                    f"{torch.__version__}, CUDA build {torch.version.cuda}): use --trainer.accelerator "
+                    f"cpu (or auto: a GPU when there is one)."
+                )
+
+    def instantiate_trainer(self, **kwargs):
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError) as err:  # a bad --trainer.* setting
+            raise UserError(f"{err} (see `lit-cifar fit --help` for the --trainer settings)") from None
+
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
+        if self._ckpt is not None and self.subcommand != "predict":  # predict builds its own model
+            check_fits(self._ckpt, self.model, self.ckpt_path)
         if self.subcommand == "predict":  # its classes and net come from the checkpoint, not the data
             self.model = load_model(self.config.predict.ckpt_path)[0]
 
@@ -77,6 +177,10 @@ class LitCifarCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({f"checkpoint.{k}": v for k, v in CHECKPOINT_DEFAULTS.items()})
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")  # step-based last.ckpt
+        parser.set_defaults({f"last_checkpoint.{k}": v for k, v in LAST_CHECKPOINT_DEFAULTS.items()})
+        parser.link_arguments("checkpoint.dirpath", "last_checkpoint.dirpath")  # one last.ckpt
+        parser.add_lightning_class_args(DivergenceGuard, "divergence_guard")
         parser.add_lightning_class_args(PredictionWriter, "prediction")  # predict: --prediction.output
         parser.add_lightning_class_args(TensorBoardDashboard, "dashboard")  # --dashboard.inputs false, ...
 

@@ -266,6 +266,14 @@ class TensorLoader:
     Each epoch draws one permutation (seeded by epoch, the same on every rank); rank r takes
     every world_size-th index, so ranks see disjoint shards of equal length. It keeps its place
     (`state_dict`), so a run resumed mid-epoch continues with the batches it had not seen.
+
+    Resuming is exact: `batches_done` counts the batches handed out, and Lightning's training
+    fetcher asks for a batch only when it trains on it (it reads ahead only for loaders without a
+    length), so a checkpoint written after step k continues at batch k+1. The state also holds the
+    global random generators (CPU and the loader's GPU), which augment the batches
+    (`random_crop_flip`): the resumed run draws the crops and flips an uninterrupted one would.
+    Under DDP every rank draws the same numbers (same seed, equal shards), so rank 0's state,
+    the one a checkpoint keeps, is every rank's.
     """
 
     def __init__(
@@ -281,7 +289,7 @@ class TensorLoader:
         self.images, self.labels, self.batch_size, self.shuffle = images, labels, batch_size, shuffle
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch, self.batches_done = -1, 0  # the first pass is epoch 0
-        self._resume: tuple[int, int] | None = None
+        self._resume: dict | None = None  # a state_dict() the next pass continues from
 
     def _order(self) -> torch.Tensor:
         n = len(self.labels)
@@ -304,8 +312,16 @@ class TensorLoader:
 
     def __iter__(self):
         # A fresh pass starts the next epoch, unless load_state_dict() asked to continue one.
-        self.epoch, self.batches_done = self._resume or (self.epoch + 1, 0)
-        self._resume = None
+        resume, self._resume = self._resume, None
+        if resume is None:
+            self.epoch, self.batches_done = self.epoch + 1, 0
+        else:
+            finished = resume["batches_done"] >= len(self)  # saved at the epoch's end: start the next
+            self.epoch, self.batches_done = (
+                resume["epoch"] + finished,
+                0 if finished else resume["batches_done"],
+            )
+            self._set_rng(resume)
         order = self._order().to(self.labels.device)
         for start in range(self.batches_done * self.batch_size, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
@@ -313,8 +329,16 @@ class TensorLoader:
             yield self.images[idx], self.labels[idx]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches_done": self.batches_done}
+        state = {"epoch": self.epoch, "batches_done": self.batches_done, "rng": torch.get_rng_state()}
+        if self.images.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.images.device)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        finished = state["batches_done"] >= len(self)
-        self._resume = (state["epoch"] + 1, 0) if finished else (state["epoch"], state["batches_done"])
+        self._resume = state  # applied when the next pass starts: no random draw can come in between
+
+    def _set_rng(self, state: dict) -> None:
+        if "rng" in state:
+            torch.set_rng_state(state["rng"].cpu())
+        if "cuda_rng" in state and self.images.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.images.device)

@@ -111,7 +111,7 @@ class CIFARClassifier(L.LightningModule):
         # Tensors go to self.log as they are: Lightning reads them only every log_every_n_steps,
         # so the hot loop never waits on the device.
         if stage == "train":  # train/loss_step (sparse) and train/loss_epoch (the seed's "Average Loss")
-            self.log("train/loss", loss, on_step=True, on_epoch=True)
+            self.log("train/loss", loss, on_step=True, on_epoch=True, sync_dist=True)  # DDP: all ranks
         else:
             self.log(f"{stage}/loss", loss, sync_dist=True)
         self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=stage == "val")

@@ -3,6 +3,7 @@
     python scripts/train.py --accelerator gpu
     python scripts/train.py --data-dir ../shared/cifar10-jpeg --net seed_bn --max-epochs 20
     python scripts/train.py --config configs/seed.yaml --data-dir ../shared/cifar10-jpeg
+    python scripts/train.py --data-dir ../shared/cifar10-jpeg --resume    # after a kill: same flags + --resume
 
 Every flag passes straight through to the `lit-cifar` command's classes (lit_cifar/cli.py), so the
 defaults shown in --help are read from those classes, never restated here; any other setting
@@ -76,8 +77,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         )
     parser.add_argument(
         "--resume",
-        action="store_true",
-        help="continue the newest run under the log folder from its last checkpoint",
+        nargs="?",
+        const="last",
+        metavar="CKPT",
+        help="continue the newest run (its last checkpoint, its log folder), or the checkpoint CKPT",
     )
     return parser
 
@@ -92,9 +95,9 @@ def to_cli_args(args: argparse.Namespace) -> list[str]:
 
 def main(args: argparse.Namespace) -> None:
     try:
-        cli = LitCifarCLI(args=to_cli_args(args), run=False)
+        cli = LitCifarCLI(args=to_cli_args(args), run=False, resume=getattr(args, "resume", None))
         trainer, model, data = cli.trainer, cli.model, cli.datamodule
-        trainer.fit(model, datamodule=data, ckpt_path="last" if getattr(args, "resume", False) else None)
+        trainer.fit(model, datamodule=data, ckpt_path=cli.ckpt_path)
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         ckpt = best or None
         results = (
