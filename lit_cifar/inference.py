@@ -11,7 +11,6 @@ import csv
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -217,14 +216,17 @@ class PredictionWriter(BasePredictionWriter):
 
 
 def _write_csv_atomic(path: Path, rows: list[dict]) -> None:
+    # A temporary file renamed into place: a killed run never leaves half a CSV.
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        "w", dir=path.parent, suffix=".tmp", delete=False, newline="", encoding="utf-8"
-    ) as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, restval="")  # fewer than 3 classes: blanks
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(f.name, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, restval="")  # fewer than 3 classes: blanks
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------- export
