@@ -151,8 +151,11 @@ class TensorBoardDashboard(Callback):
         if catch_logits and _tensorboard(trainer) is not None:
             self._hook = pl_module.register_forward_hook(self._catch)
 
-    def _catch(self, module: nn.Module, args, output: torch.Tensor) -> None:
-        self._logits = output.detach()  # (B, num_classes)
+    def _catch(self, module: nn.Module, args, output) -> None:
+        # Under DDP, Lightning runs validation_step/test_step through the module's __call__ too: that
+        # outer call's output (None here) comes after the real forward's and is not logits.
+        if isinstance(output, torch.Tensor) and output.ndim == 2:
+            self._logits = output.detach()  # (B, num_classes)
 
     def _stop(self) -> None:
         if self._hook is not None:
@@ -268,15 +271,15 @@ def _render(figure: Figure) -> np.ndarray:
 def _image_figure(images, labels, preds, class_names: list[str], title: str) -> np.ndarray:
     """A grid of (N, 3, H, W) [0, 1] images, each titled `true` / `predicted` (green right, red wrong)."""
     n = len(images)
-    cols = min(n, 10)
+    cols = min(n, math.ceil(math.sqrt(2 * n)))  # about twice as wide as high, like a card
     rows = max(1, -(-n // cols))
-    figure = Figure(figsize=(1.3 * cols, 1.55 * rows + 0.3), dpi=80)
+    figure = Figure(figsize=(1.2 * cols, 1.5 * rows + 0.3), dpi=80)
     figure.suptitle(f"{title}: true label → predicted", fontsize=9)
     for i in range(n):
         ax = figure.add_subplot(rows, cols, i + 1)
         ax.imshow(images[i].permute(1, 2, 0).numpy(), interpolation="nearest")
         true, pred = class_names[int(labels[i])], class_names[int(preds[i])]
-        ax.set_title(f"{true}\n→ {pred}", fontsize=7, color="green" if true == pred else "red")
+        ax.set_title(f"{true}\n→ {pred}", fontsize=8, color="green" if true == pred else "red")
         ax.axis("off")
     figure.tight_layout()
     return _render(figure)
