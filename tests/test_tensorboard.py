@@ -179,6 +179,18 @@ def test_tour_refuses_a_missing_folder(tmp_path, monkeypatch):
     assert not (tmp_path / "tour").exists()  # nothing half-written
 
 
+@pytest.mark.slow
+def test_dashboard_works_under_ddp(image_folder):
+    # Two CPU ranks: the hook sees the redirected step output too; the matrix syncs, rank 0 writes once.
+    args = ["lit-cifar", "fit", f"--data.data_dir={image_folder}", "--trainer.accelerator=cpu"]
+    args += ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.max_epochs=1", "--data.batch_size=4"]
+    proc = subprocess.run(args, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = events(Path("lightning_logs/version_0"))
+    assert {"val/confusion_matrix", "val/inputs", *FEATURE_MAPS} <= set(found["images"])
+    assert len(found["images"]["val/confusion_matrix"]) == 1
+
+
 # ---------------------------------------------------------------------------- the real server
 
 
