@@ -16,11 +16,12 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_cifar.callbacks import TensorBoardDashboard
 from lit_cifar.data import CIFARDataModule
 from lit_cifar.errors import UserError
-from lit_cifar.guards import DivergenceGuard, check_fits, load_checkpoint
+from lit_cifar.guards import SIGTERM_MESSAGE, DivergenceGuard, check_fits, load_checkpoint
 from lit_cifar.inference import SKIPPED_EXIT, PredictionWriter, input_settings, load_model, read_checkpoint
 from lit_cifar.module import CIFARClassifier
 
@@ -190,6 +191,8 @@ def main(args: list[str] | None = None) -> None:
         cli = LitCifarCLI(args=args)
     except UserError as err:
         sys.exit(f"error: {err}")
+    except SIGTERMException:
+        sys.exit(f"error: {SIGTERM_MESSAGE}")
     if cli.subcommand == "predict" and any(
         isinstance(c, PredictionWriter) and c.skipped for c in cli.trainer.callbacks
     ):

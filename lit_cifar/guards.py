@@ -38,7 +38,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
         if found is None:  # not a pickle torch reads at all: text, an image, another format
             raise UserError(
-                f"{path} is not a PyTorch checkpoint, or it is truncated ({_first_line(err)}): give a "
+                f"{path} is not a PyTorch checkpoint, or it is truncated ({_reason(err)}): give a "
                 f".ckpt file written by training."
             ) from None
         raise UserError(
@@ -49,7 +49,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from None
     except Exception as err:  # noqa: BLE001 - zip, legacy-pickle and storage errors all mean "not a checkpoint"
         raise UserError(
-            f"{path} is not a PyTorch checkpoint, or it is truncated ({_first_line(err)}): give a .ckpt "
+            f"{path} is not a PyTorch checkpoint, or it is truncated ({_reason(err)}): give a .ckpt "
             f"file written by training."
         ) from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
@@ -83,9 +83,14 @@ def check_fits(ckpt: dict[str, Any], model: torch.nn.Module, path: str | Path) -
     )
 
 
-def _first_line(err: BaseException) -> str:
+def _reason(err: BaseException) -> str:
+    """The gist of a torch.load error: the unpickler's own complaint, else the first sentence."""
     text = str(err).strip()
-    return (text.splitlines()[0] if text else type(err).__name__)[:200]
+    found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    if found:
+        return found.group(1).strip().splitlines()[0][:150]
+    first = text.splitlines()[0] if text else type(err).__name__
+    return first.split(". ")[0].rstrip(".")[:150]
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
@@ -134,6 +139,14 @@ def _fsync_dir(folder: Path) -> None:
     finally:
         os.close(fd)
 
+
+# Lightning ends a run that receives SIGTERM (a preempted node, `kill`) with SIGTERMException, a
+# SystemExit with status 0; entry points report it as the unfinished run it is.
+SIGTERM_MESSAGE = (
+    "stopped by SIGTERM before the run finished. Continue it with the same command plus --resume "
+    "(scripts/train.py) or --ckpt_path last (lit-cifar fit): the steps since its last checkpoint (at "
+    "most --last_checkpoint.every_n_train_steps) are trained again."
+)
 
 # ---------------------------------------------------------------------------- divergence
 

@@ -15,10 +15,12 @@ import inspect
 import sys
 
 import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_cifar.cli import SEED, TRAINER_DEFAULTS, LitCifarCLI
 from lit_cifar.data import CIFARDataModule
 from lit_cifar.errors import UserError
+from lit_cifar.guards import SIGTERM_MESSAGE
 from lit_cifar.module import CIFARClassifier
 
 # flag -> (LightningCLI key, where its default lives)
@@ -107,6 +109,8 @@ def main(args: argparse.Namespace) -> None:
         )
     except UserError as err:
         sys.exit(f"error: {err}")
+    except SIGTERMException:
+        sys.exit(f"error: {SIGTERM_MESSAGE}")
     metric = "test/acc" if data.has_test else "val/acc"
     acc = results[0].get(metric, float("nan")) if results else float("nan")
     print(f"{metric} {acc:.4f} | best checkpoint: {best or '(none saved)'} | logs: {trainer.log_dir}")

@@ -202,24 +202,27 @@ import os, signal
 from lightning.pytorch.callbacks import Callback
 
 class KillAtStep(Callback):
-    '''SIGKILL this process right after training step `step` (before that step's checkpoint).'''
-    def __init__(self, step: int) -> None:
-        self.step = step
+    '''Signal this process right after training step `step` (before that step's checkpoint).'''
+    def __init__(self, step: int, signal: str = "SIGKILL") -> None:
+        self.step, self.signal = step, signal
 
     def on_train_batch_end(self, trainer, *args) -> None:
         if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), getattr(signal, self.signal))
 """
 
 
-def killed_run(command: list[str], step: int) -> None:
-    """Run `command` with a callback that SIGKILLs it after training step `step`."""
+def killed_run(command: list[str], step: int, sig: str = "SIGKILL") -> subprocess.CompletedProcess:
+    """Run `command` with a callback that sends itself `sig` after training step `step`."""
     Path("killer.py").write_text(KILLER)
     Path("kill.yaml").write_text(
-        f"trainer:\n  callbacks:\n    - class_path: killer.KillAtStep\n      init_args: {{step: {step}}}\n"
+        "trainer:\n  callbacks:\n    - class_path: killer.KillAtStep\n"
+        f"      init_args: {{step: {step}, signal: {sig}}}\n"
     )
     proc = run(*command, "--config=kill.yaml", env={"PYTHONPATH": str(Path.cwd())})
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    if sig == "SIGKILL":
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    return proc
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
@@ -264,6 +267,19 @@ def test_train_script_sigkill_in_second_epoch_then_resume_ends_as_if_never_inter
     assert os.listdir("lightning_logs") == ["version_0"]
     assert load_checkpoint(LAST)["global_step"] == 12
     assert_same_weights(LAST, Path("uninterrupted") / LAST)
+
+
+@pytest.mark.slow
+def test_sigterm_exits_non_zero_with_a_message_and_the_run_resumes(image_folder):
+    args = ["fit", f"--data.data_dir={image_folder}", *TINY]
+    proc = killed_run(["lit-cifar", *args], step=5, sig="SIGTERM")  # a preempted node's notice
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert (
+        proc.stderr.strip().splitlines()[-1].startswith("error: stopped by SIGTERM before the run finished.")
+    )
+    assert load_checkpoint(LAST)["global_step"] == 4  # nothing written at the signal
+    cli_main([*args, "--ckpt_path=last"])
+    assert load_checkpoint(LAST)["global_step"] == 12 and os.listdir("lightning_logs") == ["version_0"]
 
 
 def test_resume_with_no_previous_run_is_a_clear_error(image_folder):
