@@ -305,9 +305,6 @@ def test_ddp_on_two_cpu_ranks_matches_one_process(image_folder):
         "--trainer.strategy=ddp",
         "--trainer.devices=2",
         "--trainer.default_root_dir=ddp",
-        # The dashboard's confusion-matrix forward hook breaks under DDP (it also sees the
-        # validation_step output, None, through Lightning's forward redirection): reported, not ours.
-        "--dashboard.confusion_matrix=false",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     single, ddp = weights(Path("single") / LAST), weights(Path("ddp") / LAST)
