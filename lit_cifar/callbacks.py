@@ -44,6 +44,7 @@ class TensorBoardDashboard(Callback):
         hparams: bool = True,
         num_images: int = 10,
         max_channels: int = 16,
+        feature_map_images: int = 4,
         num_misclassified: int = 16,
     ) -> None:
         """
@@ -55,18 +56,18 @@ class TensorBoardDashboard(Callback):
             hparams: the HParams tab: this run's hyperparameters with metrics val/acc_best, test/acc.
             num_images: how many validation images make the fixed batch (spread over the split).
             max_channels: feature-map channels shown per layer (the first ones).
+            feature_map_images: rows of the feature-map grids: the first images of the fixed ones.
             num_misclassified: misclassified test images shown.
         """
         super().__init__()
-        if min(num_images, max_channels, num_misclassified) < 1:
-            raise UserError("num_images, max_channels and num_misclassified must be at least 1.")
+        if min(num_images, max_channels, feature_map_images, num_misclassified) < 1:
+            raise UserError(
+                "num_images, max_channels, feature_map_images and num_misclassified must be at least 1."
+            )
         self.inputs, self.feature_maps, self.confusion_matrix = inputs, feature_maps, confusion_matrix
         self.misclassified, self.hparams = misclassified, hparams
-        self.num_images, self.max_channels, self.num_misclassified = (
-            num_images,
-            max_channels,
-            num_misclassified,
-        )
+        self.num_images, self.max_channels = num_images, max_channels
+        self.feature_map_images, self.num_misclassified = feature_map_images, num_misclassified
         self._fixed: tuple[torch.Tensor, torch.Tensor] | None = None  # (N, 3, H, W) float, (N,) labels
         self._hparams_written: set[str] = set()
         self._reset()
@@ -222,7 +223,8 @@ class TensorBoardDashboard(Callback):
             experiment.add_image("val/inputs", figure, step, dataformats="HWC")
         if self.feature_maps:
             for name, fmap in maps.items():
-                experiment.add_image(f"val/feature_maps/{name}", channel_grid(fmap, self.max_channels), step)
+                grid = channel_grid(fmap[: self.feature_map_images], self.max_channels)
+                experiment.add_image(f"val/feature_maps/{name}", grid, step)
 
 
 # ---------------------------------------------------------------------------- helpers (also used by scripts/tour.py)
@@ -269,19 +271,27 @@ def _render(figure: Figure) -> np.ndarray:
 
 
 def _image_figure(images, labels, preds, class_names: list[str], title: str) -> np.ndarray:
-    """A grid of (N, 3, H, W) [0, 1] images, each titled `true` / `predicted` (green right, red wrong)."""
-    n = len(images)
-    cols = min(n, math.ceil(math.sqrt(2 * n)))  # about twice as wide as high, like a card
-    rows = max(1, -(-n // cols))
-    figure = Figure(figsize=(1.2 * cols, 1.5 * rows + 0.3), dpi=80)
-    figure.suptitle(f"{title}: true label → predicted", fontsize=9)
+    """(N, 3, H, W) [0, 1] images in a grid, each under `true` / `→ predicted` (green right, red wrong).
+
+    One canvas in one axes, not a subplot per image: about 5x cheaper to draw.
+    """
+    n, _, h, w = images.shape
+    cols = min(n, math.ceil(math.sqrt(2 * n)))  # about twice as wide as high, like a TensorBoard card
+    rows = -(-n // cols)
+    band, pad = h * 2 // 3, 2  # room for the two label lines above each image, in image pixels
+    canvas = torch.ones(3, rows * (h + band), cols * (w + pad))
+    width, height = canvas.shape[2] / 36, canvas.shape[1] / 36 + 0.25  # inches: a 32-pixel image ~0.9"
+    figure = Figure(figsize=(width, height), dpi=80)
+    figure.suptitle(f"{title}: true label → predicted", fontsize=9, y=1 - 0.05 / height)
+    ax = figure.add_axes((0, 0, 1, 1 - 0.25 / height))
+    ax.axis("off")
     for i in range(n):
-        ax = figure.add_subplot(rows, cols, i + 1)
-        ax.imshow(images[i].permute(1, 2, 0).numpy(), interpolation="nearest")
+        top, left = (i // cols) * (h + band) + band, (i % cols) * (w + pad)
+        canvas[:, top : top + h, left : left + w] = images[i]
         true, pred = class_names[int(labels[i])], class_names[int(preds[i])]
-        ax.set_title(f"{true}\n→ {pred}", fontsize=8, color="green" if true == pred else "red")
-        ax.axis("off")
-    figure.tight_layout()
+        color = "green" if true == pred else "red"
+        ax.text(left + w / 2, top - 1, f"{true}\n→ {pred}", ha="center", va="bottom", fontsize=8, color=color)
+    ax.imshow(canvas.permute(1, 2, 0).numpy(), interpolation="nearest")
     return _render(figure)
 
 
@@ -293,7 +303,8 @@ def _confusion_figure(matrix: torch.Tensor, class_names: list[str], title: str) 
     c = len(class_names)
     small = c <= 20  # names and counts stay readable up to about 20 classes
     figure = Figure(figsize=(6.4, 5.4) if small else (8, 8), dpi=80)
-    ax = figure.add_subplot()
+    # fixed margins (room for the class names) instead of tight_layout, which draws everything twice
+    ax = figure.add_axes((0.2, 0.17, 0.78, 0.76) if small else (0.06, 0.06, 0.9, 0.88))
     ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
     accuracy = counts.diag().sum() / counts.sum()
     ax.set_title(f"{title}   accuracy {accuracy:.3f}", fontsize=9)
@@ -305,11 +316,9 @@ def _confusion_figure(matrix: torch.Tensor, class_names: list[str], title: str) 
         accuracies = [f"{a:.0%}" if s else "-" for a, s in zip(per_class.tolist(), seen, strict=True)]
         ax.set_yticks(range(c), [f"{n} {a}" for n, a in zip(class_names, accuracies, strict=True)])
         ax.tick_params(axis="y", labelsize=7)
-        for i in range(c):
-            for j in range(c):
-                color = "white" if rates[i, j] > 0.5 else "black"
-                ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=6, color=color)
-    figure.tight_layout()
+        for i, j in counts.nonzero().tolist():  # empty cells stay blank
+            color = "white" if rates[i, j] > 0.5 else "black"
+            ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=6, color=color)
     return _render(figure)
 
 
