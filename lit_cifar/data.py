@@ -41,7 +41,7 @@ class CIFARDataModule(L.LightningDataModule):
         normalize: bool = True,
         augment: bool = True,
         crop_padding: int = 4,
-        padding_mode: str = "constant",
+        padding_mode: str = "reflect",
         fast: bool = True,
         checksums: dict[str, str] | None = None,
         predict_dir: str | list[str] | None = None,
