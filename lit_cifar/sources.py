@@ -20,7 +20,6 @@ import shutil
 import socket
 import tarfile
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,6 @@ from lit_cifar.errors import UserError
 DATASETS = {"cifar10": CIFAR10, "cifar100": CIFAR100}  # torchvision holds the names and md5s
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CACHE_VERSION = "2"  # bump when the cached layout changes
-DECODE_THREADS = 1  # threads decoding 32x32 images (docs/data.md has the measurement)
 Split = tuple[torch.Tensor, torch.Tensor]  # uint8 (N, 3, 32, 32), int64 (N,)
 # CIFAR-100's fine labels in label order (as in its `meta` file), known before any download.
 CIFAR100_CLASSES = """apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus
@@ -391,8 +389,8 @@ def _read_split(split_dir: Path, classes: list[str]) -> Split:
             f"{len(strays)} file(s) in {split_dir} are not PNG or JPEG images: {_examples(strays)}. "
             f"Move them out of the image folder."
         )
-    with ThreadPoolExecutor(max_workers=DECODE_THREADS) as pool:
-        images = list(pool.map(_decode, paths))
+    # One thread: on 2 cores, threads made it slower (the GIL; each image is tiny). docs/data.md
+    images = [_decode(p) for p in paths]
     broken = [p for p, img in zip(paths, images, strict=True) if img is None]
     if broken:
         raise UserError(
