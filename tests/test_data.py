@@ -6,6 +6,7 @@ python -m pytest tests/test_data.py -q
 import hashlib
 import os
 import pickle
+import re
 import shutil
 import socket
 import subprocess
@@ -97,19 +98,26 @@ def loaded(data_dir: Path, **kwargs) -> CIFARDataModule:
 
 
 @pytest.mark.parametrize("fmt", ["png", "jpg"])
-def test_image_folder_png_and_jpeg_with_grayscale_and_rgba(tmp_path, fmt):
+def test_image_folder_png_and_jpeg_with_grayscale_rgba_palette_cmyk(tmp_path, fmt):
     root = write_image_folder(tmp_path / "images", per_class=10, test_per_class=2, fmt=fmt)
     Image.new("L", (32, 32), 90).save(root / f"train/cat/0000.{fmt}")  # grayscale
     # RGBA (alpha dropped) for PNG; JPEG has no alpha, so CMYK there
     other = Image.new("RGBA", (32, 32), (200, 30, 60, 128)) if fmt == "png" else Image.new("CMYK", (32, 32))
     other.save(root / f"train/dog/0000.{fmt}")
+    if fmt == "png":  # a palette image
+        Image.new("RGB", (32, 32), (10, 200, 30)).convert("P").save(root / "train/ship/0000.png")
     data = sources.load(root)
     x, y = data["train"]
     assert x.shape == (30, 3, 32, 32) and x.dtype == torch.uint8 and data["classes"] == ["cat", "dog", "ship"]
     assert y.tolist() == [0] * 10 + [1] * 10 + [2] * 10
     assert data["test"][0].shape == (6, 3, 32, 32)
     # Every pixel as PIL reads it in RGB (JPEG decoders may round differently, by a step or two).
-    for i, path in ((0, "train/cat/0000"), (10, "train/dog/0000"), (25, "train/ship/0005")):
+    for i, path in (
+        (0, "train/cat/0000"),
+        (10, "train/dog/0000"),
+        (20, "train/ship/0000"),
+        (25, "train/ship/0005"),
+    ):
         ref = torch.from_numpy(np.asarray(Image.open(root / f"{path}.{fmt}").convert("RGB")).copy())
         assert (x[i].permute(1, 2, 0).int() - ref.int()).abs().max() <= (0 if fmt == "png" else 2)
     assert (x[0, 0] == x[0, 1]).all() and (x[0, 1] == x[0, 2]).all()  # gray became three equal channels
@@ -342,6 +350,13 @@ def test_bad_input_clear_error_nothing_written(tmp_path, case):
         }
     else:
         assert written == set()  # no cache, no extracted folder, no log folder, no temporary file
+
+
+def test_docs_table_has_one_row_per_bad_input():
+    rows = re.findall(
+        r"test_bad_input_clear_error_nothing_written\[(\w+)\]", (REPO / "docs/data.md").read_text()
+    )
+    assert sorted(rows) == sorted(case.__name__[4:] for case in BAD_INPUTS)
 
 
 def test_train_script_refuses_bad_input_the_same_way(tmp_path):
