@@ -39,6 +39,7 @@ import time
 import warnings
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import torch
@@ -206,19 +207,28 @@ def seed_loop(bench: Bench, loader: DataLoader, model: nn.Module) -> float:
     return bench.run(step, _forever(lambda: iter(loader)))
 
 
-def plain_step(bench: Bench, model: CIFARClassifier):
-    """One training step of our module's net and optimizer, without Lightning: (x, y) -> None."""
-    optimizer = model.configure_optimizers()  # the module's AdamW (fused on CUDA)
-
+def plain_step(bench: Bench, model: CIFARClassifier, total_steps: int = 10_000):
+    """One training step of our module's net, loss, optimizer and schedule, without Lightning."""
+    # configure_optimizers reads the run's length from the trainer: a stand-in gives it one.
+    attached, model._trainer = model._trainer, SimpleNamespace(estimated_stepping_batches=total_steps)
+    try:
+        config = model.configure_optimizers()  # AdamW (fused on CUDA), maybe a per-step schedule
+    finally:
+        model._trainer = attached
+    optimizer = config["optimizer"] if isinstance(config, dict) else config
+    scheduler = config["lr_scheduler"]["scheduler"] if isinstance(config, dict) else None
+    smoothing = model.hparams.label_smoothing
     model.train()
 
     def step(batch) -> None:
         x, y = batch
         with bench.autocast():
-            loss = nn.functional.cross_entropy(model(x), y)
+            loss = nn.functional.cross_entropy(model(x), y, label_smoothing=smoothing)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
 
     return step
 

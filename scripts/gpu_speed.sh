@@ -25,13 +25,14 @@ FAST=(model.net=seed_bn data.batch_size=512 trainer.precision=bf16-mixed model.c
       model.schedule=onecycle model.lr=4e-3 model.weight_decay=5e-2 model.label_smoothing=0.1
       data.normalize=true data.augment=true trainer.max_epochs=$FAST_EPOCHS)
 export PYTHONUNBUFFERED=1
+T=${SMOKE:+10}; T=${T:-1}  # each step's time limit: its GPU estimate x 2, or x 20 for the CPU smoke run
 
-step() {  # step NAME COMMAND...: run it, its output to the screen and $LOG/NAME.log, and time it
-  local name=$1; shift
+step() {  # step NAME SECONDS COMMAND...: run it (at most SECONDS), output to the screen and $LOG/NAME.log
+  local name=$1 limit=$2; shift 2
   echo "=== $name: $*"
   local start=$SECONDS
-  set +e  # a failed step is reported, and the others still run
-  "$@" 2>&1 | tee "$LOG/$name.log" | grep -v -e "it/s" -e "Warning" -e "warnings.warn"
+  set +e  # a failed or timed-out step is reported, and the others still run
+  timeout "$limit" "$@" 2>&1 | tee "$LOG/$name.log" | grep -v -e "it/s" -e "Warning" -e "warnings.warn"
   local rc=${PIPESTATUS[0]}
   set -e
   echo "=== $name: exit $rc, $((SECONDS - start)) s" | tee -a "$LOG/times.txt"
@@ -39,16 +40,16 @@ step() {  # step NAME COMMAND...: run it, its output to the screen and $LOG/NAME
 
 { nvidia-smi -L || true; $PY -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"; } \
   | tee "$LOG/env.txt"
-step decode $PY -c "from lit_cifar.sources import load; load('$DATA')"  # once, so later steps load the cache
-step bench_b64 $PY "${BENCH[@]}" --device $DEV --batch-size 64 --precision 32 "${B64[@]}" \
+step decode "$((T * 60))" $PY -c "from lit_cifar.sources import load; load('$DATA')"  # once, so later steps load the cache
+step bench_b64 "$((T * 60))" $PY "${BENCH[@]}" --device $DEV --batch-size 64 --precision 32 "${B64[@]}" \
   --set data.normalize=false data.augment=false --out "$LOG/bench_b64.json"
-step bench_b512 $PY "${BENCH[@]}" --device $DEV --batch-size 512 --precision bf16-mixed --channels-last \
+step bench_b512 "$((T * 60))" $PY "${BENCH[@]}" --device $DEV --batch-size 512 --precision bf16-mixed --channels-last \
   "${B512[@]}" --out "$LOG/bench_b512.json"
-step bench_b512_compile $PY "${BENCH[@]}" --device $DEV --batch-size 512 --precision bf16-mixed \
+step bench_b512_compile "$((T * 120))" $PY "${BENCH[@]}" --device $DEV --batch-size 512 --precision bf16-mixed \
   --channels-last --compile "${B512[@]}" --out "$LOG/bench_b512_compile.json"
-step seed_recipe $PY "${BENCH[@]}" --device $DEV --recipe configs/seed.yaml "${RECIPE[@]}" \
+step seed_recipe "$((T * 100))" $PY "${BENCH[@]}" --device $DEV --recipe configs/seed.yaml "${RECIPE[@]}" \
   --out "$LOG/seed_recipe.json"
-step fast_recipe $PY "${BENCH[@]}" --device $DEV --recipe configs/seed.yaml --set "${FAST[@]}" \
+step fast_recipe "$((T * 60))" $PY "${BENCH[@]}" --device $DEV --recipe configs/seed.yaml --set "${FAST[@]}" \
   "${RECIPE[@]}" --out "$LOG/fast_recipe.json"
 
 $PY - "$LOG" <<'EOF' | tee "$LOG/summary.txt"
