@@ -12,7 +12,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
@@ -226,24 +225,28 @@ def random_crop_flip(x: torch.Tensor, padding: int, padding_mode: str = "constan
     """Per-image random crop of a padded batch and random horizontal flip, on x's device.
 
     The same distribution as torchvision's RandomCrop(32, padding, padding_mode=...) +
-    RandomHorizontalFlip(),
-    drawn for each image, in one gather instead of a Python loop. x: (B, C, H, W).
+    RandomHorizontalFlip(), drawn for each image. No padded copy is made: each output pixel's
+    source pixel is computed (shifted, mirrored for the flip, reflected or zeroed at the border)
+    and the whole batch is one gather. x: (B, C, H, W), any dtype.
     """
-    b, _, h, w = x.shape
-    if padding:
-        # (B, C, H+2p, W+2p); reflect padding needs a float tensor, so round-trip uint8 through it
-        if padding_mode == "reflect" and x.dtype == torch.uint8:
-            padded = F.pad(x.float(), (padding,) * 4, mode="reflect").to(torch.uint8)
-        else:
-            padded = F.pad(x, (padding,) * 4, mode=padding_mode)
-        dy = torch.randint(0, 2 * padding + 1, (b, 1, 1), device=x.device)
-        dx = torch.randint(0, 2 * padding + 1, (b, 1, 1), device=x.device)
-        rows = dy + torch.arange(h, device=x.device).view(1, h, 1)  # (B, H, 1)
-        cols = dx + torch.arange(w, device=x.device).view(1, 1, w)  # (B, 1, W)
-        batch = torch.arange(b, device=x.device).view(b, 1, 1)
-        x = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)  # (B, C, H, W)
-    flip = torch.rand(b, 1, 1, 1, device=x.device) < 0.5
-    return torch.where(flip, x.flip(3), x)
+    b, c, h, w = x.shape
+    dev = x.device
+    dy = torch.randint(0, 2 * padding + 1, (b, 1, 1, 1), device=dev) - padding  # shift in [-p, p]
+    dx = torch.randint(0, 2 * padding + 1, (b, 1, 1, 1), device=dev) - padding
+    flip = torch.rand(b, 1, 1, 1, device=dev) < 0.5
+    j = torch.arange(w, device=dev).view(1, 1, 1, w)
+    rows = dy + torch.arange(h, device=dev).view(1, 1, h, 1)  # (B, 1, H, 1) source row of each output row
+    cols = dx + torch.where(flip, w - 1 - j, j)  # (B, 1, 1, W): a flipped image reads its crop backwards
+    if padding_mode == "reflect":  # -1 -> 1, h -> h - 2 (no edge repeat, as torch and torchvision)
+        rows = torch.where(rows < 0, -rows, torch.where(rows > h - 1, 2 * (h - 1) - rows, rows))
+        cols = torch.where(cols < 0, -cols, torch.where(cols > w - 1, 2 * (w - 1) - cols, cols))
+        inside = None
+    else:  # constant: read any pixel, then zero those that fall in the padding
+        inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)  # (B, 1, H, W)
+        rows, cols = rows.clamp(0, h - 1), cols.clamp(0, w - 1)
+    index = (rows * w + cols).view(b, 1, h * w).expand(b, c, h * w)  # flat source pixel, every channel
+    out = x.reshape(b, c, h * w).gather(2, index).view(b, c, h, w)
+    return out if inside is None else out * inside
 
 
 class _Samples(Dataset):

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from lit_cifar.data import CIFARDataModule, TensorLoader
+from lit_cifar.data import CIFARDataModule, TensorLoader, random_crop_flip
 
 N, PAD, SIZE = 300, 4, 32  # training images (after 12 held out for validation), padding, side
 OFFSETS = 2 * PAD + 1  # crop offsets per axis: 0..2*PAD
@@ -194,3 +194,19 @@ def test_each_rank_reads_its_own_shard(world_size, shuffle):
             assert sorted(union.tolist()) == list(range(n))
     if shuffle:  # a new order each epoch, and ranks agree on it (disjoint again in epoch 2)
         assert not torch.equal(shards[0][0], shards[0][1])
+
+
+@pytest.mark.parametrize("padding_mode", ["constant", "reflect"])
+def test_random_crop_flip_is_pad_crop_flip(padding_mode):
+    """Any dtype, any padding (0 too): each image is its padded self, cropped and maybe mirrored."""
+    x = torch.randn(16, 3, 8, 8)
+    for padding in (0, 1, 3):
+        out = random_crop_flip(x, padding, padding_mode)
+        padded = F.pad(x, (padding,) * 4, mode=padding_mode)
+        for i in range(len(x)):
+            crops = [
+                padded[i, :, dy : dy + 8, dx : dx + 8]
+                for dy in range(2 * padding + 1)
+                for dx in range(2 * padding + 1)
+            ]
+            assert any(torch.equal(out[i], c) or torch.equal(out[i], c.flip(2)) for c in crops)
