@@ -30,6 +30,8 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
+import os
 import pickle
 import statistics
 import subprocess
@@ -180,6 +182,32 @@ class Bench:
             step(next(it))
         self.sync()
         return self.steps * self.batch_size / (time.perf_counter() - start)
+
+
+class OthersLoad:
+    """CPU used by other processes since creation, in cores (Linux /proc/stat; nan elsewhere)."""
+
+    def __init__(self) -> None:
+        self.start = (time.perf_counter(), self._machine_busy_s(), self._own_s())
+
+    @staticmethod
+    def _machine_busy_s() -> float:
+        try:
+            user, nice, system, _idle, _iowait, irq, softirq = map(
+                int, Path("/proc/stat").read_text().split()[1:8]
+            )
+        except (OSError, ValueError):
+            return float("nan")
+        return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own_s() -> float:
+        t = os.times()  # this process and its finished children (DataLoader workers, --cli's commands)
+        return t.user + t.system + t.children_user + t.children_system
+
+    def cores(self) -> float:
+        wall, busy, own = self.start
+        return (self._machine_busy_s() - busy - (self._own_s() - own)) / (time.perf_counter() - wall)
 
 
 def _forever(make_iter):
@@ -377,10 +405,16 @@ def benchmark(args: argparse.Namespace, data_dir: str, checksums: dict | None, l
         },
     }
     speeds: dict[str, list[float]] = {name: [] for name in steps}
+    others: list[float] = []  # CPU cores busy with other processes, per round: the noise on this machine
     for r in range(args.rounds):
+        load = OthersLoad()
         for name, run in steps.items():
             speeds[name].append(run())
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in speeds.items()))
+        others.append(load.cores())
+        print(
+            f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in speeds.items())
+            + f" | other processes: {others[-1]:.2f} cores"
+        )  # fmt: skip
     best_d = max(("d_cl", "d_nchw"), key=lambda k: statistics.median(speeds[k]))
     syncs = count_syncs(bench, ours, dm, args.precision, log_dir) if bench.device.type == "cuda" else None
     speeds["d"] = speeds[best_d]
@@ -393,6 +427,7 @@ def benchmark(args: argparse.Namespace, data_dir: str, checksums: dict | None, l
         "best_d": best_d,
         "channels_last": channels_last,
         "syncs": syncs,
+        "others_cores": others,
         "ratios": {"c/a": ratio("c", "a"), "c/b": ratio("c", "b"), "c/d": ratio("c", "d")},
     }
 
@@ -412,6 +447,9 @@ def print_table(args: argparse.Namespace, data_desc: str, result: dict) -> None:
         f"precision {args.precision} | channels_last (b,c,d) {result['channels_last']} | "
         f"compile (b,c,d) {args.compile} | {args.rounds} rounds x {args.steps} steps after {args.warmup}"
     )
+    others = result["others_cores"]
+    if others and not math.isnan(others[0]):
+        print(f"other processes used {statistics.median(others):.2f} cores (median; max {max(others):.2f})")
     print(f"{'path':<46}{'img/s median':>14}{'min':>10}{'max':>10}")
     for name, label in PATHS.items():
         s = result["speeds"][name]
