@@ -34,6 +34,9 @@ def read_runs(root: Path, tag: str) -> dict[str, tuple[list[float], float]]:
         if tag not in acc.Tags()["scalars"]:
             continue
         events = acc.Scalars(tag)
+        if "train/loss_epoch" in acc.Tags()["scalars"]:  # drop a validate/test run after fit ends
+            last_train_step = acc.Scalars("train/loss_epoch")[-1].step
+            events = [e for e in events if e.step <= last_train_step]
         times = [e.wall_time for t in acc.Tags()["scalars"] for e in acc.Scalars(t)]
         name = str(log_dir.relative_to(root)).split("/lightning_logs")[0]
         runs[name] = ([e.value for e in events], max(times) - min(times))
