@@ -12,6 +12,7 @@ Tags it writes (with a TensorBoardLogger; without one it does nothing):
   HParams tab                   model + data hyperparameters, metrics val/acc_best and test/acc
 """
 
+import io
 import math
 
 import numpy as np
@@ -21,6 +22,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from PIL import Image
+from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.tensorboard.summary import hparams as hparams_summary
@@ -137,9 +140,7 @@ class TensorBoardDashboard(Callback):
                     figure = _image_figure(
                         images, y[wrong], pred[wrong], pl_module.class_names, "misclassified"
                     )
-                    logger.experiment.add_image(
-                        "test/misclassified", figure, trainer.global_step, dataformats="HWC"
-                    )
+                    _add_png(logger, "test/misclassified", figure, trainer.global_step)
         self._stop()
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -201,9 +202,7 @@ class TensorBoardDashboard(Callback):
         matrix = metric.compute().cpu()  # (C, C): rows true, columns predicted; summed over ranks
         if trainer.is_global_zero and matrix.sum() > 0:
             figure = _confusion_figure(matrix, pl_module.class_names, f"{stage}: step {trainer.global_step}")
-            logger.experiment.add_image(
-                f"{stage}/confusion_matrix", figure, trainer.global_step, dataformats="HWC"
-            )
+            _add_png(logger, f"{stage}/confusion_matrix", figure, trainer.global_step)
 
     @torch.no_grad()
     def _log_fixed_batch(
@@ -215,16 +214,18 @@ class TensorBoardDashboard(Callback):
         )
         if logits is None:
             logits = pl_module(x)
-        step, experiment = trainer.global_step, logger.experiment
+        step = trainer.global_step
         if self.inputs:
             figure = _image_figure(
                 _for_display(x, trainer), y, logits.argmax(1), pl_module.class_names, "inputs"
             )
-            experiment.add_image("val/inputs", figure, step, dataformats="HWC")
+            _add_png(logger, "val/inputs", figure, step)
         if self.feature_maps:
             for name, fmap in maps.items():
                 grid = channel_grid(fmap[: self.feature_map_images], self.max_channels, size=16)
-                experiment.add_image(f"val/feature_maps/{name}", grid, step)
+                _add_png(
+                    logger, f"val/feature_maps/{name}", grid.mul(255).round().byte().permute(1, 2, 0), step
+                )
 
 
 # ---------------------------------------------------------------------------- helpers (also used by scripts/tour.py)
@@ -261,6 +262,17 @@ def _for_display(x: torch.Tensor, trainer: Trainer) -> torch.Tensor:
         mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in data.mean_std)
         x = x * std + mean
     return x.clamp(0, 1)
+
+
+def _add_png(logger: TensorBoardLogger, tag: str, image, step: int) -> None:
+    """Log an (H, W, 3) uint8 image, PNG-encoded at zlib level 1: ~3x faster than add_image's default."""
+    image = np.asarray(image)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
+    encoded = Summary.Image(height=image.shape[0], width=image.shape[1], colorspace=3)
+    encoded.encoded_image_string = buffer.getvalue()
+    summary = Summary(value=[Summary.Value(tag=tag, image=encoded)])
+    logger.experiment._get_file_writer().add_summary(summary, step)
 
 
 def _render(figure: Figure) -> np.ndarray:
