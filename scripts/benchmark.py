@@ -90,6 +90,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=50, help="timed steps per path per round")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps before each timed window")
     parser.add_argument(
+        "--max-others",
+        type=float,
+        default=0.1,
+        help="leave out rounds in which other processes used more CPU cores than this (noise)",
+    )
+    parser.add_argument(
         "--set",
         nargs="+",
         action="extend",
@@ -415,15 +421,20 @@ def benchmark(args: argparse.Namespace, data_dir: str, checksums: dict | None, l
             f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in speeds.items())
             + f" | other processes: {others[-1]:.2f} cores"
         )  # fmt: skip
-    best_d = max(("d_cl", "d_nchw"), key=lambda k: statistics.median(speeds[k]))
+    # Rounds in which other processes took CPU time are left out (all kept if none is quiet).
+    kept = [r for r, cores in enumerate(others) if not cores > args.max_others] or list(range(args.rounds))
+    clean = {name: [v[r] for r in kept] for name, v in speeds.items()}
+    best_d = max(("d_cl", "d_nchw"), key=lambda k: statistics.median(clean[k]))
     syncs = count_syncs(bench, ours, dm, args.precision, log_dir) if bench.device.type == "cuda" else None
-    speeds["d"] = speeds[best_d]
+    speeds["d"], clean["d"] = speeds[best_d], clean[best_d]
 
     def ratio(num: str, den: str) -> float:
-        return statistics.median(n / d for n, d in zip(speeds[num], speeds[den], strict=True))
+        return statistics.median(n / d for n, d in zip(clean[num], clean[den], strict=True))
 
     return {
         "speeds": speeds,
+        "kept_rounds": kept,
+        "median": {name: statistics.median(v) for name, v in clean.items()},
         "best_d": best_d,
         "channels_last": channels_last,
         "syncs": syncs,
@@ -447,16 +458,19 @@ def print_table(args: argparse.Namespace, data_desc: str, result: dict) -> None:
         f"precision {args.precision} | channels_last (b,c,d) {result['channels_last']} | "
         f"compile (b,c,d) {args.compile} | {args.rounds} rounds x {args.steps} steps after {args.warmup}"
     )
-    others = result["others_cores"]
-    if others and not math.isnan(others[0]):
-        print(f"other processes used {statistics.median(others):.2f} cores (median; max {max(others):.2f})")
+    others, kept = result["others_cores"], result["kept_rounds"]
+    if not math.isnan(others[0]):
+        print(
+            f"{len(kept)} of {len(others)} rounds kept (other processes below {args.max_others} cores); "
+            f"other processes used {statistics.median(others):.2f} cores (median; max {max(others):.2f})"
+        )
     print(f"{'path':<46}{'img/s median':>14}{'min':>10}{'max':>10}")
     for name, label in PATHS.items():
-        s = result["speeds"][name]
-        print(f"({name[0]}) {label:<42}{statistics.median(s):>14.0f}{min(s):>10.0f}{max(s):>10.0f}")
+        s = [result["speeds"][name][r] for r in kept]
+        print(f"({name[0]}) {label:<42}{result['median'][name]:>14.0f}{min(s):>10.0f}{max(s):>10.0f}")
     r = result["ratios"]
     print(
-        f"ratios (median over rounds): c/a {r['c/a']:.2f}   c/b {r['c/b']:.2f}   c/d {r['c/d']:.2f}"
+        f"ratios (median over kept rounds): c/a {r['c/a']:.2f}   c/b {r['c/b']:.2f}   c/d {r['c/d']:.2f}"
         f"   (d = {PATHS[result['best_d']]})"
     )
     if result["syncs"] is not None:

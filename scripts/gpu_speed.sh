@@ -54,13 +54,14 @@ step fast_recipe "$((T * 60))" $PY "${BENCH[@]}" --device $DEV --recipe configs/
 
 $PY - "$LOG" <<'EOF' | tee "$LOG/summary.txt"
 """The one table: every number above, read back from the JSON files."""
-import json, statistics, sys
+import json, sys
 from pathlib import Path
 
 log = Path(sys.argv[1])
 read = lambda name: json.loads((log / f"{name}.json").read_text()) if (log / f"{name}.json").exists() else None
 print(f"\n{'=' * 100}\nGPU speed summary ({(log / 'env.txt').read_text().strip()})")
-print(f"{'measurement':<58}{'a seed':>9}{'b plain':>9}{'c ours':>9}{'d bare':>9}{'c/a':>6}{'c/b':>6}{'c/d':>6}")
+print(f"{'measurement (img/s; syncs: host-device syncs in c)':<58}{'a seed':>9}{'b plain':>9}{'c ours':>9}"
+      f"{'d bare':>9}{'c/a':>6}{'c/b':>6}{'c/d':>6}  syncs")
 for name, label in (
     ("bench_b64", "b64 fp32, seed data (no norm/aug)"),
     ("bench_b512", "b512 bf16 channels_last, norm+aug"),
@@ -70,10 +71,11 @@ for name, label in (
     if r is None:
         print(f"{label:<58}(failed: see {name}.log)")
         continue
-    med = {k: statistics.median(v) for k, v in r["speeds"].items()}
+    med = r["median"]
     q = r["ratios"]
-    print(f"{label + ' (img/s)':<58}{med['a']:>9.0f}{med['b']:>9.0f}{med['c']:>9.0f}{med['d']:>9.0f}"
-          f"{q['c/a']:>6.1f}{q['c/b']:>6.2f}{q['c/d']:>6.2f}")
+    syncs = f"{r['syncs']['total']}/{r['syncs']['steps']} steps" if r.get("syncs") else "-"
+    print(f"{label:<58}{med['a']:>9.0f}{med['b']:>9.0f}{med['c']:>9.0f}{med['d']:>9.0f}"
+          f"{q['c/a']:>6.1f}{q['c/b']:>6.2f}{q['c/d']:>6.2f}  {syncs}")
 seed, fast = read("seed_recipe"), read("fast_recipe")
 print(f"\n{'recipe':<58}{'fit s':>8}{'train s':>9}{'epochs':>8}{'best val/acc':>14}")
 for r, label in ((seed, "seed recipe (configs/seed.yaml), val each epoch"), (fast, "fast recipe")):
