@@ -422,7 +422,8 @@ def benchmark(args: argparse.Namespace, data_dir: str, checksums: dict | None, l
             + f" | other processes: {others[-1]:.2f} cores"
         )  # fmt: skip
     # Rounds in which other processes took CPU time are left out (all kept if none is quiet).
-    kept = [r for r, cores in enumerate(others) if not cores > args.max_others] or list(range(args.rounds))
+    quiet = [r for r, cores in enumerate(others) if not cores > args.max_others]
+    kept = quiet or list(range(args.rounds))
     clean = {name: [v[r] for r in kept] for name, v in speeds.items()}
     best_d = max(("d_cl", "d_nchw"), key=lambda k: statistics.median(clean[k]))
     syncs = count_syncs(bench, ours, dm, args.precision, log_dir) if bench.device.type == "cuda" else None
@@ -434,6 +435,7 @@ def benchmark(args: argparse.Namespace, data_dir: str, checksums: dict | None, l
     return {
         "speeds": speeds,
         "kept_rounds": kept,
+        "quiet": bool(quiet),
         "median": {name: statistics.median(v) for name, v in clean.items()},
         "best_d": best_d,
         "channels_last": channels_last,
@@ -463,6 +465,9 @@ def print_table(args: argparse.Namespace, data_desc: str, result: dict) -> None:
         print(
             f"{len(kept)} of {len(others)} rounds kept (other processes below {args.max_others} cores); "
             f"other processes used {statistics.median(others):.2f} cores (median; max {max(others):.2f})"
+            if result["quiet"]
+            else f"NOISY: other processes used over {args.max_others} cores in every round (median "
+            f"{statistics.median(others):.2f}): all rounds kept, the numbers are not trustworthy"
         )
     print(f"{'path':<46}{'img/s median':>14}{'min':>10}{'max':>10}")
     for name, label in PATHS.items():
