@@ -22,7 +22,7 @@ from lit_cifar.callbacks import TensorBoardDashboard
 from lit_cifar.data import CIFARDataModule
 from lit_cifar.errors import UserError
 from lit_cifar.guards import SIGTERM_MESSAGE, DivergenceGuard, check_fits, load_checkpoint
-from lit_cifar.inference import SKIPPED_EXIT, PredictionWriter, input_settings, load_model, read_checkpoint
+from lit_cifar.inference import SKIPPED_EXIT, PredictionWriter, input_settings, load_model
 from lit_cifar.module import CIFARClassifier
 
 SEED = 0  # seed_everything: runs repeat exactly unless a user asks for another seed
@@ -136,9 +136,9 @@ class LitCifarCLI(LightningCLI):
         ckpt_path = config.ckpt_path
         if self.subcommand == "predict" and not ckpt_path:
             raise UserError("predict needs a trained model: give --ckpt_path PATH/TO/last.ckpt.")
-        if not ckpt_path or not Path(ckpt_path).is_file():  # "best"/"last" or missing: Lightning says
+        if self._ckpt is None:  # no file read in parse_arguments ("best", ...): Lightning resolves it
             return
-        for key, value in input_settings(read_checkpoint(ckpt_path)).items():
+        for key, value in input_settings(self._ckpt).items():
             if config.data[key] != value:
                 print(f"data.{key}={value} (as the checkpoint was trained)", file=sys.stderr)
                 config.data[key] = value

@@ -9,7 +9,6 @@ Images of any size and mode are made the way CIFAR was: decoded by PIL, converte
 
 import csv
 import os
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lit_cifar.errors import UserError
+from lit_cifar.guards import load_checkpoint
 from lit_cifar.module import CIFARClassifier
 from lit_cifar.sources import IMAGE_SUFFIXES
 
@@ -35,28 +35,12 @@ CSV_COLUMNS = ["path", "class", "probability", "class_2", "probability_2", "clas
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    """The checkpoint's dict, loaded with weights_only=True; a clear UserError for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no checkpoint at {path}: give the path of a .ckpt file written by training.")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - zip, pickle and unsafe-global errors all mean "not loadable"
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        if found:  # a pickle that would run or build arbitrary Python objects: never loaded
-            raise UserError(
-                f"{path} holds Python objects beyond weights ({found.group(1)}), so it is not loaded: "
-                f"loading it could run code. Give a .ckpt file written by lit-cifar training."
-            ) from None
+    """A lit-cifar checkpoint's dict, read weights-only (guards.load_checkpoint); else a UserError."""
+    ckpt = load_checkpoint(path)
+    hparams = ckpt.get("hyper_parameters")
+    if not isinstance(hparams, dict) or "net" not in hparams:
         raise UserError(
-            f"{path} is not a readable PyTorch checkpoint (another kind of file, or truncated): "
-            f"give a .ckpt file written by lit-cifar training."
-        ) from None
-    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
-    if not isinstance(hparams, dict) or "net" not in hparams or not isinstance(state, dict):
-        raise UserError(
-            f"{path} is not a lit-cifar checkpoint (no CIFARClassifier hyperparameters and weights): "
+            f"{path} is not a lit-cifar checkpoint (no CIFARClassifier hyperparameters): "
             f"give a .ckpt file written by `lit-cifar fit` or scripts/train.py."
         )
     return ckpt

@@ -166,15 +166,15 @@ def test_bad_checkpoints_get_clear_errors(tmp_path):
     torch.save({"x": print}, tmp_path / "unsafe.ckpt")  # loading would need an arbitrary global
     cases = {
         tmp_path / "missing.ckpt": "no checkpoint at",
-        image: "not a readable PyTorch checkpoint",
-        tmp_path / "other.ckpt": "not a lit-cifar checkpoint",
-        tmp_path / "unsafe.ckpt": "holds Python objects beyond weights",
+        image: "is not a PyTorch checkpoint, or it is truncated",
+        tmp_path / "other.ckpt": "not a Lightning checkpoint",
+        tmp_path / "unsafe.ckpt": "that would run code when loaded",
     }
     for path, message in cases.items():
         with pytest.raises(UserError, match=message):
             read_checkpoint(path)
     predict = script("predict")
-    with pytest.raises(SystemExit, match="error: .*not a lit-cifar checkpoint"):
+    with pytest.raises(SystemExit, match="error: .*not a Lightning checkpoint"):
         predict.main(predict.get_args_parser().parse_args([str(tmp_path / "other.ckpt"), str(image)]))
 
 
