@@ -85,6 +85,8 @@ class CIFARDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.data: dict[str, sources.Split | None] = {}
         self._classes: list[str] | None = None  # known for sure once setup() read the files
+        self._train_loader: TensorLoader | None = None
+        self._train_state: dict | None = None  # a resumed run's place in the training data
 
     # ------------------------------------------------------------------ what the model needs to know
 
@@ -134,6 +136,16 @@ class CIFARDataModule(L.LightningDataModule):
             "test": loaded["test"],
         }
 
+    # The training loader's place is kept with the DataModule's state too: Lightning restores that
+    # before anything builds a loader. (It restores a loader's own state only when it builds the
+    # loader after the checkpoint was read, which a schedule asking estimated_stepping_batches in
+    # configure_optimizers prevents.)
+    def state_dict(self) -> dict:
+        return {"train_loader": self._train_loader.state_dict()} if self._train_loader else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._train_state = state.get("train_loader")
+
     def train_dataloader(self):
         return self._loader("train", shuffle=True)
 
@@ -182,7 +194,7 @@ class CIFARDataModule(L.LightningDataModule):
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         if self.hparams.fast:
             device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-            return TensorLoader(
+            loader = TensorLoader(
                 x.to(device),
                 y.to(device),
                 self.hparams.batch_size,
@@ -191,6 +203,12 @@ class CIFARDataModule(L.LightningDataModule):
                 rank=rank,
                 world_size=world,
             )
+            if split == "train":
+                self._train_loader = loader
+                if self._train_state is not None:
+                    loader.load_state_dict(self._train_state)
+                    self._train_state = None
+            return loader
         augment = self.hparams.augment and split == "train"
         transform = v2.Compose(
             [
