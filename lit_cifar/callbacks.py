@@ -249,9 +249,12 @@ def channel_grid(fmap: torch.Tensor, max_channels: int = 16, size: int = 32) -> 
     fmap = fmap[:, :max_channels].detach().float().cpu()
     n, c, h, w = fmap.shape
     tiles = fmap.reshape(n * c, 1, h, w)
+    # each tile to [0, 1] in one op (make_grid's scale_each loops over the tiles in Python)
+    low, high = tiles.amin((2, 3), keepdim=True), tiles.amax((2, 3), keepdim=True)
+    tiles = (tiles - low) / (high - low).clamp(min=1e-5)
     if h < size:
         tiles = F.interpolate(tiles, scale_factor=size // h, mode="nearest")
-    return make_grid(tiles, nrow=c, normalize=True, scale_each=True, padding=2, pad_value=1.0)
+    return make_grid(tiles, nrow=c, padding=2, pad_value=1.0)
 
 
 def _for_display(x: torch.Tensor, trainer: Trainer) -> torch.Tensor:
