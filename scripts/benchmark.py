@@ -12,10 +12,13 @@ In one process, on one device, with the same net, batch size and precision:
   (c) our Lightning training: CIFARClassifier + CIFARDataModule through L.Trainer, project defaults,
   (d) the limit: the bare training step repeated on one batch already in memory, in each memory
       format (the faster one is the limit).
-Each round runs every path for --warmup steps, then times --steps steps (images/s, device synced at
-both ends); rounds alternate a, b, c, d, a, b, ... so all paths share the machine's noise. Ratios are
-the median over rounds of each round's ratio. (a) is the seed as written: contiguous tensors, no
-compile, plain AdamW, `loss.item()` every step; --channels-last and --compile apply to b, c, d.
+Everything runs inside one Trainer.fit of (c): each round times a window of its steps, then a
+callback runs one window of a, b and d, so the paths alternate within seconds and share the
+machine's noise. A window is --warmup untimed steps, then --steps timed ones (images/s, device
+synced at both ends). Ratios are the median over rounds of each round's ratio; rounds in which
+other processes used the CPU are left out (--max-others). (a) is the seed as written: contiguous
+tensors, no compile, plain AdamW, `loss.item()` every step; --channels-last and --compile apply to
+b, c, d. On CUDA one more window of (c) counts its host-device syncs.
 
 --cli times the commands users run, each in its own process: `lit-cifar fit` (validation off) vs the
 seed loop. Each runs for two step counts; images/s = extra images / extra wall time, which cancels
@@ -29,7 +32,6 @@ import argparse
 import contextlib
 import hashlib
 import json
-import logging
 import math
 import os
 import pickle
@@ -275,25 +277,42 @@ def fast_batches(dm: CIFARDataModule, x: torch.Tensor, y: torch.Tensor, batch_si
         yield dm.to_float(images), labels
 
 
-class WindowTimer(Callback):
-    """Times Lightning's steps warmup..warmup+steps-1: from the end of the last warm-up step.
-    With count_syncs (CUDA), every host-device sync inside the window raises a warning."""
+class Rounds(Callback):
+    """The whole benchmark inside one Trainer.fit: each round times one window of Lightning's own
+    steps (c), then calls one window of every other path from this hook, so the paths alternate
+    within seconds and share the machine's noise. One last window (CUDA) counts host-device syncs."""
 
-    def __init__(self, bench: Bench, count_syncs: bool = False) -> None:
-        self.bench, self.start, self.images_per_s, self.count_syncs = bench, 0.0, 0.0, count_syncs
+    def __init__(self, bench: Bench, others: dict, rounds: int, count_syncs: bool) -> None:
+        self.bench, self.others, self.rounds, self.count_syncs = bench, others, rounds, count_syncs
+        self.speeds: dict[str, list[float]] = {"c": [], **{name: [] for name in others}}
+        self.others_cores: list[float] = []  # CPU cores other processes used, per round
+        self.step, self.start, self.load = 0, 0.0, None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if batch_idx == self.bench.warmup - 1:
+        # self.step counts across epochs (batch_idx restarts each epoch)
+        r, pos = divmod(self.step, self.bench.warmup + self.bench.steps)
+        self.step += 1
+        if pos == self.bench.warmup - 1:  # the last warm-up step ends: start the clock
             self.bench.sync()
-            self.start = time.perf_counter()
-            if self.count_syncs:
-                torch.cuda.set_sync_debug_mode("warn")
-        elif batch_idx == self.bench.warmup + self.bench.steps - 1:
-            if self.count_syncs:
+            self.load, self.start = OthersLoad(), time.perf_counter()
+            if r == self.rounds:
+                torch.cuda.set_sync_debug_mode("warn")  # every sync in this window warns
+        elif pos == self.bench.warmup + self.bench.steps - 1:
+            if r == self.rounds:
                 torch.cuda.set_sync_debug_mode("default")
+                return
             self.bench.sync()
-            elapsed = time.perf_counter() - self.start
-            self.images_per_s = self.bench.steps * self.bench.batch_size / elapsed
+            self.speeds["c"].append(
+                self.bench.steps * self.bench.batch_size / (time.perf_counter() - self.start)
+            )
+            for name, run in self.others.items():
+                self.speeds[name].append(run())
+            self.others_cores.append(self.load.cores())
+            bar = trainer.progress_bar_callback  # its print() keeps the line above the bar
+            (bar.print if bar is not None else print)(
+                f"round {r + 1}/{self.rounds}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in self.speeds.items())
+                + f" | other processes: {self.others_cores[-1]:.2f} cores"
+            )  # fmt: skip
 
 
 def trainer_defaults(log_dir: str) -> dict:
@@ -310,28 +329,30 @@ def trainer_defaults(log_dir: str) -> dict:
     return kwargs
 
 
-def lightning_run(
-    bench: Bench, model: CIFARClassifier, dm: CIFARDataModule, precision: str, log_dir: str, timer=None
-) -> float:
-    """(c) One Trainer.fit of warmup + steps steps with the project's defaults; validation and
-    checkpointing off (as when timing the CLI)."""
-    timer = timer or WindowTimer(bench)
+def lightning_rounds(
+    bench: Bench, model: CIFARClassifier, dm: CIFARDataModule, precision: str, log_dir: str, rounds: Rounds
+) -> dict | None:
+    """(c) One Trainer.fit with the project's defaults (validation and checkpointing off, as when
+    timing the CLI), long enough for every round; returns the syncs counted on CUDA."""
     kwargs = trainer_defaults(log_dir)
-    kwargs.pop("max_epochs", None)
-    kwargs["callbacks"] = [*kwargs.get("callbacks", []), LearningRateMonitor(), timer]  # as the CLI adds
+    kwargs.pop("max_epochs", None)  # max_steps alone ends the run
+    kwargs["callbacks"] = [*kwargs.get("callbacks", []), LearningRateMonitor(), rounds]  # as the CLI adds
     trainer = L.Trainer(
         **kwargs,
         accelerator=bench.device.type,
         devices=1,
         precision=precision,
-        max_steps=bench.warmup + bench.steps,
+        max_steps=(rounds.rounds + rounds.count_syncs) * (bench.warmup + bench.steps),
         limit_val_batches=0,
         enable_checkpointing=False,
     )
-    trainer.fit(model, datamodule=dm)
-    # Lightning hands the model back on the CPU when fit ends; later rounds of (b) and (d) share it.
-    model.to(bench.device)
-    return timer.images_per_s
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, datamodule=dm)
+    if not rounds.count_syncs:
+        return None
+    where = Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    return {"steps": bench.steps, "total": sum(where.values()), "where": dict(where.most_common(8))}
 
 
 # ---------------------------------------------------------------------------- the modes
@@ -381,9 +402,8 @@ def new_model(model_kwargs: dict, device: torch.device, **overrides) -> CIFARCla
 
 
 def benchmark(args: argparse.Namespace, data_dir: str, checksums: dict | None, log_dir: str) -> dict:
-    """Rounds of a, b, c, d in turn; returns {"speeds": {path: [img/s per round]}, "ratios": ...}."""
+    """Rounds of c, a, b, d in turn; returns {"speeds": {path: [img/s per round]}, "ratios": ...}."""
     bench, sets = Bench(args), parse_sets(args.set)
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no model summary each round
     dm, model_kwargs = build(args, data_dir, checksums, sets)
     x, y = (t.to(bench.device) for t in dm.data["train"])
     loader = DataLoader(
@@ -399,34 +419,24 @@ def benchmark(args: argparse.Namespace, data_dir: str, checksums: dict | None, l
         model = ours if fmt == channels_last else new_model(model_kwargs, bench.device, channels_last=fmt)
         memory_format = torch.channels_last if fmt else torch.contiguous_format
         bare[name] = (model, (batch[0].contiguous(memory_format=memory_format), batch[1]))
-    steps = {
+    others = {
         "a": lambda: seed_loop(bench, loader, seed_net),
         "b": lambda: bench.run(
             plain_step(bench, ours), _forever(lambda: fast_batches(dm, x, y, args.batch_size))
         ),
-        "c": lambda: lightning_run(bench, ours, dm, args.precision, log_dir),
         **{
             name: (lambda m=model, b=b: bench.run(plain_step(bench, m), _forever(lambda: iter([b]))))
             for name, (model, b) in bare.items()
         },
     }
-    speeds: dict[str, list[float]] = {name: [] for name in steps}
-    others: list[float] = []  # CPU cores busy with other processes, per round: the noise on this machine
-    for r in range(args.rounds):
-        load = OthersLoad()
-        for name, run in steps.items():
-            speeds[name].append(run())
-        others.append(load.cores())
-        print(
-            f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in speeds.items())
-            + f" | other processes: {others[-1]:.2f} cores"
-        )  # fmt: skip
+    rounds = Rounds(bench, others, args.rounds, count_syncs=bench.device.type == "cuda")
+    syncs = lightning_rounds(bench, ours, dm, args.precision, log_dir, rounds)
+    speeds, others = rounds.speeds, rounds.others_cores
     # Rounds in which other processes took CPU time are left out (all kept if none is quiet).
     quiet = [r for r, cores in enumerate(others) if not cores > args.max_others]
     kept = quiet or list(range(args.rounds))
     clean = {name: [v[r] for r in kept] for name, v in speeds.items()}
     best_d = max(("d_cl", "d_nchw"), key=lambda k: statistics.median(clean[k]))
-    syncs = count_syncs(bench, ours, dm, args.precision, log_dir) if bench.device.type == "cuda" else None
     speeds["d"], clean["d"] = speeds[best_d], clean[best_d]
 
     def ratio(num: str, den: str) -> float:
@@ -443,15 +453,6 @@ def benchmark(args: argparse.Namespace, data_dir: str, checksums: dict | None, l
         "others_cores": others,
         "ratios": {"c/a": ratio("c", "a"), "c/b": ratio("c", "b"), "c/d": ratio("c", "d")},
     }
-
-
-def count_syncs(bench: Bench, model: CIFARClassifier, dm: CIFARDataModule, precision: str, log_dir: str):
-    """One more (c) run, untimed, listing the host-device syncs in its window: {where: count}."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        lightning_run(bench, model, dm, precision, log_dir, WindowTimer(bench, count_syncs=True))
-    where = Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
-    return {"steps": bench.steps, "total": sum(where.values()), "where": dict(where.most_common(8))}
 
 
 def print_table(args: argparse.Namespace, data_desc: str, result: dict) -> None:
@@ -637,6 +638,8 @@ def recipe(args: argparse.Namespace, data_dir: str, checksums: dict | None, log_
 
 def main(args: argparse.Namespace) -> None:
     try:
+        if min(args.rounds, args.steps, args.warmup, args.batch_size) < 1:
+            raise UserError("--rounds, --steps, --warmup and --batch-size must be at least 1.")
         if args.seed_loop_steps is not None:
             return seed_loop_only(args)
         if args.cli:
