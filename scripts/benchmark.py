@@ -48,7 +48,7 @@ from types import SimpleNamespace
 import lightning as L
 import torch
 import yaml
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.cli import instantiate_class
 from PIL import Image
 from torch import nn
@@ -58,9 +58,15 @@ from torchvision.datasets import ImageFolder
 
 from lit_cifar import sources
 from lit_cifar.callbacks import TensorBoardDashboard
-from lit_cifar.cli import CHECKPOINT_DEFAULTS, TRAINER_DEFAULTS
+from lit_cifar.cli import (
+    CHECKPOINT_DEFAULTS,
+    LAST_CHECKPOINT_DEFAULTS,
+    PROGRESS_BAR_REFRESH_RATE,
+    TRAINER_DEFAULTS,
+)
 from lit_cifar.data import CIFARDataModule, TensorLoader, random_crop_flip
 from lit_cifar.errors import UserError
+from lit_cifar.guards import DivergenceGuard
 from lit_cifar.module import CIFARClassifier
 from lit_cifar.nets import build_net
 
@@ -326,6 +332,7 @@ def trainer_defaults(log_dir: str) -> dict:
             kwargs[key] = instantiate_class((), init)
         elif isinstance(value, list):
             kwargs[key] = [instantiate_class((), v) for v in value]
+    kwargs["callbacks"] = [TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_RATE)]  # the CLI's bar
     return kwargs
 
 
@@ -336,7 +343,8 @@ def lightning_rounds(
     timing the CLI), long enough for every round; returns the syncs counted on CUDA."""
     kwargs = trainer_defaults(log_dir)
     kwargs.pop("max_epochs", None)  # max_steps alone ends the run
-    kwargs["callbacks"] = [*kwargs.get("callbacks", []), LearningRateMonitor(), rounds]  # as the CLI adds
+    # the CLI's per-step callbacks (not its checkpoints: off, nor its dashboard: validation only)
+    kwargs["callbacks"] += [LearningRateMonitor(), DivergenceGuard(), rounds]
     trainer = L.Trainer(
         **kwargs,
         accelerator=bench.device.type,
@@ -602,13 +610,14 @@ def recipe(args: argparse.Namespace, data_dir: str, checksums: dict | None, log_
     epochs = EpochTimes(bench)
     kwargs = trainer_defaults(log_dir)
     # the callbacks the CLI adds (lit_cifar/cli.py), with their defaults
-    callbacks = [
+    kwargs["callbacks"] += [
         ModelCheckpoint(**CHECKPOINT_DEFAULTS),
+        ModelCheckpoint(**LAST_CHECKPOINT_DEFAULTS),
         LearningRateMonitor(),
+        DivergenceGuard(),
         TensorBoardDashboard(),
         epochs,
     ]
-    kwargs["callbacks"] = [*kwargs.get("callbacks", []), *callbacks]
     kwargs.update(sets["trainer"])
     kwargs.setdefault("precision", args.precision)
     L.seed_everything(0, verbose=False)
