@@ -70,7 +70,9 @@ class CIFARClassifier(L.LightningModule):
             MulticlassAccuracy(num_classes, average="micro", validate_args=False) for _ in range(3)
         )
         self.val_acc_best = MaxMetric()
-        self.train_loss = MeanMetric()  # the epoch's mean training loss, the seed's "Average Loss"
+        # The epoch's mean training loss, the seed's "Average Loss". nan_strategy="disable": the NaN
+        # check is a host-device sync every step (a NaN shows in the mean; DivergenceGuard stops the run).
+        self.train_loss = MeanMetric(nan_strategy="disable")
         self.test_acc_per_class = MulticlassAccuracy(num_classes, average=None)  # (C,): each class's recall
 
     @property
@@ -124,7 +126,7 @@ class CIFARClassifier(L.LightningModule):
         # only updates its metrics, on the device (no sync), and hands Lightning the step's loss
         # when it writes logs (every log_every_n_steps) -> train/loss_step; the epoch's values are
         # logged at its end -> train/loss_epoch, train/acc.
-        self.train_loss.update(loss, weight=len(y))
+        self.train_loss.update(loss.detach().expand(len(y)))  # one value per image: the mean over images
         self.train_acc.update(logits, y)
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             self.log("train/loss_step", loss, sync_dist=True)  # DDP: the mean over all ranks
