@@ -4,6 +4,7 @@ import hashlib
 import pickle
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from PIL import Image
@@ -74,3 +75,15 @@ def image_folder(tmp_path) -> Path:
 @pytest.fixture
 def batches(tmp_path) -> tuple[Path, dict[str, str]]:
     return write_batches(tmp_path / "pickles")
+
+
+def quiet_trainer(**kwargs) -> L.Trainer:
+    """A CPU Trainer that writes nothing: no logger, checkpoints, progress bar or summary."""
+    settings = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return L.Trainer(**{**settings, **kwargs})

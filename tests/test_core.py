@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import quiet_trainer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lit_cifar import CIFARClassifier, CIFARDataModule, build_net
@@ -145,17 +146,7 @@ def test_module_overfits_one_batch(image_folder):
     L.seed_everything(0)
     data = CIFARDataModule(str(image_folder), batch_size=64, augment=False, val_size=4)
     model = CIFARClassifier("seed", num_classes=3, lr=3e-3)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=60,
-        overfit_batches=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
+    trainer = quiet_trainer(max_epochs=60, overfit_batches=1, num_sanity_val_steps=0, limit_val_batches=0)
     trainer.fit(model, datamodule=data)
     assert trainer.callback_metrics["train/acc"].item() == 1.0
 
@@ -163,14 +154,7 @@ def test_module_overfits_one_batch(image_folder):
 def test_checkpoint_round_trip_needs_no_arguments(image_folder):
     data = CIFARDataModule(str(image_folder), val_size=6)
     model = CIFARClassifier("seed_bn", num_classes=3, class_names=["cat", "dog", "ship"], lr=2e-3)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(max_epochs=1)
     trainer.fit(model, datamodule=data)
     trainer.save_checkpoint("model.ckpt")
     loaded = CIFARClassifier.load_from_checkpoint("model.ckpt", weights_only=True)

@@ -9,7 +9,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import CLASSES, write_image_folder
+from conftest import CLASSES, quiet_trainer, write_image_folder
 from PIL import Image
 
 from lit_cifar import CIFARClassifier, CIFARDataModule, UserError
@@ -33,15 +33,7 @@ def train_tiny(root: Path, normalize: bool = True) -> Path:
     L.seed_everything(0)
     data = CIFARDataModule(str(data_dir), batch_size=16, val_size=3, normalize=normalize)
     model = CIFARClassifier("seed", num_classes=3, class_names=CLASSES)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-    )
+    trainer = quiet_trainer(max_epochs=1, default_root_dir=root)
     trainer.fit(model, datamodule=data)
     trainer.save_checkpoint(root / "tiny.ckpt")
     return root / "tiny.ckpt"
