@@ -535,9 +535,12 @@ def cli_benchmark(args: argparse.Namespace) -> dict:
         ]  # fmt: skip
 
     cmds = {"a": seed_cmd, "c": lit_cmd}
+    n1, n2 = args.cli_steps
     walls: dict[str, dict[int, list[float]]] = {k: {n: [] for n in args.cli_steps} for k in cmds}
+    others: list[float] = []  # CPU cores other processes used, per round
     with tempfile.TemporaryDirectory() as cwd:  # lit-cifar's logs and checkpoints land here
         for r in range(args.rounds):
+            load = OthersLoad()
             for n in args.cli_steps:
                 for name, cmd in cmds.items():
                     start = time.perf_counter()
@@ -545,25 +548,36 @@ def cli_benchmark(args: argparse.Namespace) -> dict:
                     walls[name][n].append(time.perf_counter() - start)
                     if proc.returncode:
                         raise UserError(f"{' '.join(cmd(n))} failed:\n{proc.stderr[-2000:]}")
+            others.append(load.cores())
             print(f"round {r + 1}/{args.rounds}: " + ", ".join(
                 f"{k} {n} steps {v[n][-1]:.1f} s" for k, v in walls.items() for n in args.cli_steps
-            ))  # fmt: skip
-    n1, n2 = args.cli_steps
-    result = {}
+            ) + f" | other processes: {others[-1]:.2f} cores")  # fmt: skip
+    # Per round: images/s = extra images / extra wall time (start-up cancels); medians over quiet rounds.
+    kept = [r for r, cores in enumerate(others) if not cores > args.max_others]
+    if not kept:
+        print(f"NOISY: other processes used over {args.max_others} cores in every round: all rounds kept")
+        kept = list(range(args.rounds))
+    speeds = {
+        name: [(n2 - n1) * args.batch_size / (w[n2][r] - w[n1][r]) for r in range(args.rounds)]
+        for name, w in walls.items()
+    }
+    result = {"others_cores": others, "kept_rounds": kept}
     for name, w in walls.items():
-        t1, t2 = statistics.median(w[n1]), statistics.median(w[n2])
-        speed = (n2 - n1) * args.batch_size / (t2 - t1)
-        result[name] = {"walls": w, "images_per_s": speed, "startup_s": t1 - n1 * args.batch_size / speed}
-    result["c/a"] = result["c"]["images_per_s"] / result["a"]["images_per_s"]
+        speed = statistics.median(speeds[name][r] for r in kept)
+        startup = statistics.median(w[n1][r] for r in kept) - n1 * args.batch_size / speed
+        result[name] = {"walls": w, "speeds": speeds[name], "images_per_s": speed, "startup_s": startup}
+    result["c/a"] = statistics.median(speeds["c"][r] / speeds["a"][r] for r in kept)
     print(
         f"\nend to end, device {args.device} ({_device_name(args.device)}) | {args.data_dir} | batch "
-        f"{args.batch_size} | precision {args.precision} | median of {args.rounds} runs at {n1} and {n2} steps"
+        f"{args.batch_size} | precision {args.precision} | runs at {n1} and {n2} steps, median of {len(kept)} "
+        f"of {args.rounds} rounds (other processes below {args.max_others} cores)"
     )
     print(f"{'command':<58}{'img/s':>10}{'start-up s':>12}")
     for name, label in (("a", "seed loop (its own process)"), ("c", "lit-cifar fit, validation off")):
         print(f"({name}) {label:<54}{result[name]['images_per_s']:>10.0f}{result[name]['startup_s']:>12.1f}")
     print(
-        f"ratio c/a {result['c/a']:.2f}   (img/s = {(n2 - n1) * args.batch_size} images / wall-time difference)"
+        f"ratio c/a {result['c/a']:.2f}, median of the rounds' ratios   (img/s = {(n2 - n1) * args.batch_size} "
+        f"images / wall-time difference)"
     )
     return result
 
