@@ -18,7 +18,7 @@ if [[ -n "${SMOKE:-}" ]]; then  # every step, a few batches each, on the CPU
   RECIPE=(--set trainer.limit_train_batches=3 trainer.limit_val_batches=2 trainer.max_epochs=2)
   FAST_EPOCHS=2
 else
-  DEV=cuda; B64=(--rounds 3 --steps 200 --warmup 20); B512=(--rounds 3 --steps 40 --warmup 10)
+  DEV=cuda; B64=(--rounds 3 --steps 200 --warmup 20); B512=(--rounds 2 --steps 40 --warmup 10)
   RECIPE=(); FAST_EPOCHS=${FAST_EPOCHS:-15}
 fi
 FAST=(model.net=seed_bn data.batch_size=512 trainer.precision=bf16-mixed model.channels_last=true
