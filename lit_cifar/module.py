@@ -8,7 +8,7 @@ import math
 import lightning as L
 import torch
 from torch.nn import functional as F
-from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lit_cifar.errors import UserError
@@ -70,9 +70,10 @@ class CIFARClassifier(L.LightningModule):
             MulticlassAccuracy(num_classes, average="micro", validate_args=False) for _ in range(3)
         )
         self.val_acc_best = MaxMetric()
-        # The epoch's mean training loss, the seed's "Average Loss". nan_strategy="disable": the NaN
-        # check is a host-device sync every step (a NaN shows in the mean; DivergenceGuard stops the run).
-        self.train_loss = MeanMetric(nan_strategy="disable")
+        # The epoch's training loss summed over its images, and their count, on the device: the seed's
+        # "Average Loss" is their ratio. (torchmetrics' MeanMetric checks each update for NaN with a
+        # host-device sync; its nan_strategy="disable" needs torchmetrics >= 1.7.)
+        self.register_buffer("train_loss_sum", torch.zeros(2), persistent=False)  # (loss x images, images)
         self.test_acc_per_class = MulticlassAccuracy(num_classes, average=None)  # (C,): each class's recall
 
     @property
@@ -126,16 +127,17 @@ class CIFARClassifier(L.LightningModule):
         # only updates its metrics, on the device (no sync), and hands Lightning the step's loss
         # when it writes logs (every log_every_n_steps) -> train/loss_step; the epoch's values are
         # logged at its end -> train/loss_epoch, train/acc.
-        self.train_loss.update(loss.detach().expand(len(y)))  # one value per image: the mean over images
+        self.train_loss_sum.add_(torch.stack((loss.detach(), torch.ones_like(loss))), alpha=len(y))
         self.train_acc.update(logits, y)
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             self.log("train/loss_step", loss, sync_dist=True)  # DDP: the mean over all ranks
 
     def on_train_epoch_end(self) -> None:
-        if self.train_acc.update_count:  # compute() gathers the metrics over DDP ranks itself
-            self.log("train/loss_epoch", self.train_loss.compute())
+        if self.train_acc.update_count:  # over all DDP ranks: reduce() sums, compute() gathers
+            loss_sum, images = self.trainer.strategy.reduce(self.train_loss_sum.clone(), reduce_op="sum")
+            self.log("train/loss_epoch", loss_sum / images)
             self.log("train/acc", self.train_acc.compute())
-        self.train_loss.reset()
+        self.train_loss_sum.zero_()
         self.train_acc.reset()
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
