@@ -8,20 +8,30 @@ lit-cifar fit --ckpt_path last --data.data_dir DIR   # resume the newest run, in
 """
 
 import glob
+import math
 import os
+import re
+import shutil
 import sys
 from pathlib import Path
 
-import torch
+from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lit_cifar.callbacks import TensorBoardDashboard
 from lit_cifar.data import CIFARDataModule
-from lit_cifar.errors import UserError
-from lit_cifar.guards import SIGTERM_MESSAGE, DivergenceGuard, check_fits, load_checkpoint
+from lit_cifar.errors import UserError, boundary, on_failure, one_line
+from lit_cifar.guards import (
+    DivergenceGuard,
+    check_accelerator,
+    check_fits,
+    check_hparams,
+    check_writable,
+    load_checkpoint,
+)
 from lit_cifar.inference import SKIPPED_EXIT, PredictionWriter, input_settings, load_model
 from lit_cifar.module import CIFARClassifier
 
@@ -68,8 +78,17 @@ class LitCifarCLI(LightningCLI):
         kwargs.setdefault("seed_everything_default", SEED)
         super().__init__(CIFARClassifier, CIFARDataModule, *args, **kwargs)
 
+    def init_parser(self, **kwargs):
+        # A parse error raises (to main()'s one line) instead of printing the whole usage.
+        return super().init_parser(**{**kwargs, "exit_on_error": False})
+
     def parse_arguments(self, parser, args) -> None:
-        super().parse_arguments(parser, args)
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            words = sys.argv[1:] if args is None else [str(a) for a in args]
+            command = " ".join([parser.prog, *[w for w in words if w in self.subcommands()][:1]])
+            raise UserError(f"{_parse_error(err)}: see `{command} --help`.") from None
         # Before LightningCLI reads the checkpoint's hyperparameters: resolve "last", refuse a
         # missing, foreign or unsafe file with one clear message.
         subcommand = self.config.get("subcommand")
@@ -80,6 +99,7 @@ class LitCifarCLI(LightningCLI):
         resuming = path == "last" and subcommand in (None, "fit")
         self.ckpt_path = self._find_last(config) if path == "last" else str(path)
         self._ckpt = load_checkpoint(self.ckpt_path)
+        check_hparams(self._ckpt, CIFARClassifier, self.ckpt_path)
         if subcommand:
             config.ckpt_path = self.ckpt_path
         if resuming:
@@ -131,7 +151,7 @@ class LitCifarCLI(LightningCLI):
         logger, root = config.trainer.logger, config.trainer.default_root_dir
         if root and getattr(logger, "init_args", None) is not None and logger.init_args.save_dir == ".":
             logger.init_args.save_dir = root
-        self._check_trainer_settings(config.trainer)
+        self._check_settings(config)
         if self.subcommand in ("validate", "test", "predict"):
             self._inputs_as_trained(config)
 
@@ -149,19 +169,20 @@ class LitCifarCLI(LightningCLI):
                 config.data[key] = value
 
     @staticmethod
-    def _check_trainer_settings(trainer) -> None:
-        # What the Trainer would only notice after setup, or explain poorly, refused up front.
+    def _check_settings(config) -> None:
+        # What the classes would only notice mid-run, or explain poorly, refused up front.
+        for key, value in config.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(
+                    f"{key} is {value}: every number in the settings must be finite (see --help)."
+                )
+        trainer = config.trainer
+        if trainer.log_every_n_steps is not None and trainer.log_every_n_steps < 1:
+            raise UserError(f"log_every_n_steps must be at least 1, got {trainer.log_every_n_steps}.")
         epochs = trainer.max_epochs
         if epochs is not None and (epochs == 0 or epochs < -1):
             raise UserError(f"max_epochs must be at least 1 (or -1: no limit), got {epochs}.")
-        accel = trainer.accelerator
-        if accel in ("gpu", "cuda") and not torch.cuda.is_available():
-            if accel == "cuda" or not torch.backends.mps.is_available():
-                raise UserError(
-                    f"accelerator {accel!r} asked for, but this machine has no usable GPU (torch "
-                    f"{torch.__version__}, CUDA build {torch.version.cuda}): use --trainer.accelerator "
-                    f"cpu (or auto: a GPU when there is one)."
-                )
+        check_accelerator(trainer.accelerator, "--trainer.accelerator")
 
     def instantiate_trainer(self, **kwargs):
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
@@ -179,9 +200,52 @@ class LitCifarCLI(LightningCLI):
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
         if self._ckpt is not None and self.subcommand != "predict":  # predict builds its own model
-            check_fits(self._ckpt, self.model, self.ckpt_path)
+            check_fits(self._ckpt, self.model, self.ckpt_path, self.datamodule.classes)
+        if rank_zero_only.rank == 0:  # the other ranks write nothing of their own
+            self._claim_run_folders()
         if self.subcommand == "predict":  # its classes and net come from the checkpoint, not the data
             self.model = load_model(self.config.predict.ckpt_path)[0]
+
+    def _claim_run_folders(self) -> None:
+        """Refuse to write into another run's folders; have a failed start leave no folder behind."""
+        trainer = self.trainer
+        log_dir = Path(trainer.log_dir)
+        folders = {log_dir: "--trainer.default_root_dir"}
+        resumed = (
+            Path(self.ckpt_path).parent.resolve()
+            if self.ckpt_path and self.subcommand in (None, "fit")
+            else None
+        )
+        if self.subcommand in (None, "fit"):
+            for cb in trainer.checkpoint_callbacks:
+                folder = Path(cb.dirpath) if cb.dirpath else log_dir / "checkpoints"
+                folders[folder] = "--checkpoint.dirpath" if cb.dirpath else folders[log_dir]
+                if folder.resolve() != resumed and any(folder.glob("*.ckpt")):
+                    raise UserError(
+                        f"{folder} holds another run's checkpoints ({', '.join(p.name for p in folder.glob('*.ckpt'))}): "
+                        f"this run would overwrite them. Continue that run with --ckpt_path last (lit-cifar fit) "
+                        f"or --resume (scripts/train.py), or give this one its own {folders[folder]}."
+                    )
+        earlier = [
+            p.name for p in (log_dir / "config.yaml", *log_dir.glob("events.out.tfevents.*")) if p.exists()
+        ]
+        if earlier and not self.save_config_kwargs.get("overwrite"):
+            raise UserError(
+                f"{log_dir} holds another run's logs ({', '.join(earlier[:3])}): this run would mix its logs "
+                f"in. Give it another folder (the logger's version, or --trainer.default_root_dir)."
+            )
+        for folder, setting in folders.items():
+            check_writable(folder, setting)
+        # the top-most folder that writing each folder creates: what a failed start removes again
+        created = {[p for p in (f, *f.parents) if not p.exists()][-1] for f in folders if not f.exists()}
+
+        def undo() -> None:  # only what this run created, only when it did no work worth keeping
+            if trainer.global_step == 0:
+                for top in created:
+                    if top.is_dir() and not any(top.rglob("*.ckpt")):
+                        shutil.rmtree(top, ignore_errors=True)
+
+        on_failure(undo)
 
     def add_arguments_to_parser(self, parser) -> None:
         # The number of classes and their names flow from the data into the model.
@@ -198,13 +262,19 @@ class LitCifarCLI(LightningCLI):
         parser.add_lightning_class_args(TensorBoardDashboard, "dashboard")  # --dashboard.inputs false, ...
 
 
+def _parse_error(err: ArgumentError) -> str:
+    """jsonargparse's message in one line; a rejected value as `KEY: expected TYPES, got VALUE`."""
+    text = re.sub(r"Given value type: <class '\w+'>", "", one_line(err)).rstrip(".")
+    found = re.match(r'Parser key "([^"]+)":.*(?:Given|Got) value: (.*)$', text)
+    if found is None:
+        return text
+    types = ", ".join(dict.fromkeys(re.findall(r"<class '(\w+)'>", text))).replace("NoneType", "null")
+    return f"{found.group(1)}: expected {types}, got {found.group(2)!r}"
+
+
 def main(args: list[str] | None = None) -> None:
-    try:
+    with boundary():
         cli = LitCifarCLI(args=args)
-    except UserError as err:
-        sys.exit(f"error: {err}")
-    except SIGTERMException:
-        sys.exit(f"error: {SIGTERM_MESSAGE}")
     if cli.subcommand == "predict" and any(
         isinstance(c, PredictionWriter) and c.skipped for c in cli.trainer.callbacks
     ):

@@ -16,13 +16,14 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from lit_cifar import inference, sources
-from lit_cifar.errors import UserError
+from lit_cifar.errors import UserError, check_number
 
 # Per-channel statistics of the training images, over [0, 1] pixels.
 MEAN_STD = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
+IMAGE_SIZE = 32  # every source is made 32x32 (CIFAR's size)
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -70,18 +71,27 @@ class CIFARDataModule(L.LightningDataModule):
         super().__init__()
         if dataset not in sources.DATASETS:
             raise UserError(f"unknown dataset {dataset!r}: choose one of {', '.join(sources.DATASETS)}.")
-        if batch_size < 1:
-            raise UserError(f"batch_size must be at least 1, got {batch_size}.")
-        if num_workers < 0:
-            raise UserError(f"num_workers must be 0 or more, got {num_workers}.")
-        if val_size <= 0 or (val_size > 1 and val_size != int(val_size)):
+        check_number("batch_size", batch_size, 1)
+        check_number("num_workers", num_workers, 0)
+        check_number("split_seed", split_seed, 0)
+        check_number("val_size", val_size, 0, open_low=True)
+        if isinstance(val_size, float) and val_size == 1:
             raise UserError(
-                f"val_size must be a fraction in (0, 1) or a whole count of at least 1, got {val_size}."
+                "val_size 1.0 is ambiguous: as a fraction it holds out 100% of the training images "
+                "(none left to train on), as a count one image. Write 1 for one image, or a fraction "
+                "below 1 (e.g. 0.1) for a share."
             )
+        if val_size > 1 and val_size != int(val_size):
+            raise UserError(f"val_size must be a fraction in (0, 1) or a whole count, got {val_size}.")
         if padding_mode not in ("constant", "reflect"):
             raise UserError(f"padding_mode must be constant or reflect, got {padding_mode!r}.")
-        if crop_padding < 0:
-            raise UserError(f"crop_padding must be 0 or more, got {crop_padding}.")
+        check_number("crop_padding", crop_padding, 0)
+        if crop_padding >= IMAGE_SIZE:
+            raise UserError(
+                f"crop_padding {crop_padding} does not fit {IMAGE_SIZE}x{IMAGE_SIZE} images: padding "
+                f"reflects at most {IMAGE_SIZE - 1} pixels, and a wider pad lets a crop miss the image "
+                f"entirely. Use 0 to {IMAGE_SIZE - 1} (the usual is 4)."
+            )
         self.save_hyperparameters()
         self.data: dict[str, sources.Split | None] = {}
         self._classes: list[str] | None = None  # known for sure once setup() read the files

@@ -1,5 +1,151 @@
-"""The one error type for bad input a user can fix: entry points print it without a traceback."""
+"""Bad input a user can fix, and the one error boundary every entry point runs in.
+
+    def main(argv=None):
+        with boundary():
+            ...  # the work
+
+Inside `boundary`, an expected failure (a UserError, a file-system error, a setting Lightning, torch or
+the config parser rejected, SIGINT or SIGTERM) ends as one line `error: <what, where>: <fix>` on stderr
+and a non-zero exit, after undoing what the failed run created (`on_failure`). Anything else is a
+bug in lit-cifar and keeps its traceback; LIT_CIFAR_TRACEBACK=1 shows the traceback for all.
+Nothing here imports torch or Lightning, so a script's `--help` stays fast.
+"""
+
+import argparse
+import errno
+import math
+import os
+import re
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+TRACEBACK_ENV = "LIT_CIFAR_TRACEBACK"
+INTERRUPTED_EXIT = 130  # the shell's status for a process ended by Ctrl-C
 
 
 class UserError(ValueError):
     """A bad input (path, file, setting). The message names the problem and the fix."""
+
+
+# ---------------------------------------------------------------------------- checking settings
+
+
+def check_number(
+    name: str,
+    value: object,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    open_low=False,
+    open_high=False,
+) -> None:
+    """UserError unless `value` is a finite number in [low, high] (an end is excluded when open_*)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise UserError(f"{name} must be a finite number, got {value!r}: give one (see --help).")
+    too_low = low is not None and (value <= low if open_low else value < low)
+    too_high = high is not None and (value >= high if open_high else value > high)
+    if too_low or too_high:
+        lo = "" if low is None else f"{'>' if open_low else '>='} {low:g}"
+        hi = "" if high is None else f"{'<' if open_high else '<='} {high:g}"
+        raise UserError(f"{name} must be {' and '.join(s for s in (lo, hi) if s)}, got {value!r}.")
+
+
+def one_line(text: object) -> str:
+    """A message squeezed onto one line (parsers and libraries write several)."""
+    return re.sub(r"\s+", " ", str(text)).strip()
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the scripts: a bad flag is one line and a pointer to --help, not the usage."""
+
+    def error(self, message: str):
+        sys.exit(f"error: {message}: see `{self.prog} --help`.")
+
+
+# ---------------------------------------------------------------------------- the boundary
+
+_undo: list[Callable[[], None]] = []
+
+
+def on_failure(undo: Callable[[], None]) -> None:
+    """Have the boundary call `undo` if the run fails (e.g. remove the empty run folder it created)."""
+    _undo.append(undo)
+
+
+@contextmanager
+def boundary() -> Iterator[None]:
+    """Expected failures -> `error: ...` on stderr and a non-zero exit; bugs keep their traceback."""
+    try:
+        yield
+    except BaseException as err:
+        signal_name = _interrupted(err)
+        if isinstance(err, SystemExit) and not signal_name and not isinstance(err.code, str):
+            raise  # --help, a finished run, a deliberate status (some files skipped)
+        for undo in reversed(_undo):
+            undo()
+        message = describe(err)
+        if message is None or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            raise
+        if isinstance(err, SystemExit) and not signal_name:
+            raise  # sys.exit("error: ..."): already the line
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(INTERRUPTED_EXIT if signal_name == "SIGINT" else 1) from None
+    finally:
+        _undo.clear()
+
+
+def _interrupted(err: BaseException) -> str | None:
+    """SIGINT/SIGTERM, also as the SystemExit Lightning ends an interrupted run with."""
+    if isinstance(err, KeyboardInterrupt) or isinstance(err.__context__, KeyboardInterrupt):
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores Ctrl-C after one
+        return "SIGINT"
+    if type(err).__name__ == "SIGTERMException":  # Lightning's, a SystemExit with status 0
+        return "SIGTERM"
+    return None
+
+
+def describe(err: BaseException) -> str | None:
+    """The one line for an expected failure; None for a bug (then the traceback is shown)."""
+    if _interrupted(err):
+        return (
+            f"stopped by {_interrupted(err)} before the run finished. A training run continues with the "
+            f"same command plus --ckpt_path last (lit-cifar fit) or --resume (scripts/train.py): the steps "
+            f"since its last checkpoint (at most --last_checkpoint.every_n_train_steps) are trained again."
+        )
+    if isinstance(err, SystemExit):
+        return str(err.code)
+    if isinstance(err, UserError):
+        return str(err)
+    if isinstance(err, OSError):
+        return _os_error(err)
+    if type(err).__name__ in ("MisconfigurationException", "ArgumentError"):  # Lightning, the parsers
+        return f"{one_line(err)}: see --help."
+    if isinstance(err, MemoryError):
+        return "out of memory: use a smaller --data.batch_size, or a machine with more memory."
+    return None
+
+
+_OS_FIXES = {
+    errno.ENOENT: "check the path (it, or a folder on it, does not exist)",
+    errno.EACCES: "choose a place you may read and write (e.g. --trainer.default_root_dir), or change its permissions",
+    errno.EPERM: "choose a place you may read and write (e.g. --trainer.default_root_dir), or change its permissions",
+    errno.EROFS: "the file system is read-only: choose a folder on a writable one",
+    errno.ENOSPC: "the disk is full: free some space, or write elsewhere",
+    errno.EDQUOT: "the disk quota is used up: free some space, or write elsewhere",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: fix the path",
+    errno.EISDIR: "it is a folder: give a file",
+    errno.ELOOP: "a symbolic link on the path points back to itself: fix or remove the link",
+    errno.ENAMETOOLONG: "use a shorter path",
+    errno.EEXIST: "it exists already: remove it or choose another name",
+    errno.ENOTEMPTY: "the folder is not empty: choose another one",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n) or use fewer --data.num_workers",
+}
+
+
+def _os_error(err: OSError) -> str:
+    what = err.strerror or one_line(err) or type(err).__name__
+    where = " -> ".join(f"{name}" for name in (err.filename, err.filename2) if name is not None)
+    fix = _OS_FIXES.get(err.errno, "check the path and its permissions")
+    return f"{what}{': ' + where if where else ''}: {fix}."

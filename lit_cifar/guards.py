@@ -9,6 +9,7 @@ lists the faults each part was tried against and what the user sees.
 import os
 import pickle
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from lit_cifar.errors import UserError
+from lit_cifar.errors import UserError, one_line
+from lit_cifar.module import SCHEDULES
 
 # ---------------------------------------------------------------------------- reading and writing checkpoints
 
@@ -57,11 +59,49 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path} is a PyTorch file but not a Lightning checkpoint (no 'state_dict'): give a .ckpt "
             f"file written by `lit-cifar fit` or scripts/train.py."
         )
+    bad = [k for k, v in ckpt["state_dict"].items() if isinstance(v, torch.Tensor) and _not_finite(v)]
+    if bad:
+        raise UserError(
+            f"{path} holds NaN or infinite weights ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}): "
+            f"the run that wrote it had diverged. Use an earlier checkpoint of that run, or train again "
+            f"with a lower --model.lr."
+        )
     return ckpt
 
 
-def check_fits(ckpt: dict[str, Any], model: torch.nn.Module, path: str | Path) -> None:
-    """UserError unless the checkpoint's weights have exactly the model's names and shapes."""
+def _not_finite(t: torch.Tensor) -> bool:
+    return (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())
+
+
+def check_hparams(ckpt: dict[str, Any], model_class: type, path: str | Path) -> None:
+    """UserError unless the checkpoint's hyperparameters build `model_class` (right names, types, ranges)."""
+    from jsonargparse import ArgumentParser  # the parser LightningCLI checks settings with
+
+    hparams = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if not k.startswith("_")}
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(model_class)
+    try:
+        parser.parse_object(hparams)
+        model_class(**hparams)
+    except Exception as err:  # noqa: BLE001 - the parser's ArgumentError, the model's own checks
+        raise UserError(
+            f"{path} holds hyperparameters {model_class.__name__} does not accept ({one_line(err)[:300]}): "
+            f"give a checkpoint written by lit-cifar training."
+        ) from None
+
+
+def check_fits(
+    ckpt: dict[str, Any], model: torch.nn.Module, path: str | Path, classes: list[str] | None = None
+) -> None:
+    """UserError unless the checkpoint's weights have exactly the model's names and shapes, and its
+    class names are `classes` (the data's), when both are known."""
+    trained = (ckpt.get("hyper_parameters") or {}).get("class_names")
+    if classes is not None and trained is not None and list(trained) != list(classes):
+        raise UserError(
+            f"{path} was trained on the classes {_names(trained)}, but the data has {_names(classes)}: "
+            f"evaluate or resume it on data with the classes it was trained on (the same class "
+            f"folders), or train a new model on this data."
+        )
     want = model.state_dict()
     got = ckpt["state_dict"]
     missing = [k for k in want if k not in got]
@@ -81,6 +121,51 @@ def check_fits(ckpt: dict[str, Any], model: torch.nn.Module, path: str | Path) -
         f"than the one set up ({hp.get('net', '?')}, {hp.get('num_classes', '?')} classes): {details}. "
         f"Use the checkpoint's settings (e.g. --model.net {saved.get('net', 'NAME')}) or another checkpoint."
     )
+
+
+def _names(names: list[str]) -> str:
+    return (
+        "[" + ", ".join(map(str, names[:12])) + (f", ... ({len(names)} in all)]" if len(names) > 12 else "]")
+    )
+
+
+def check_writable(folder: str | Path, setting: str) -> None:
+    """UserError unless `folder` is, or can be made, a folder this process may write in."""
+    path = Path(folder).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
+    if existing.is_symlink() and not existing.exists():
+        raise UserError(f"{existing} is a broken symbolic link: fix it, or choose another {setting}.")
+    if not existing.is_dir():
+        raise UserError(f"{existing} is a file, not a folder: choose another {setting}.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(
+            f"{existing} is read-only for this user: choose a folder you may write with {setting}."
+        )
+
+
+def check_output(path: str | Path, written_by_us: Callable[[Path], bool], setting: str) -> None:
+    """UserError unless `path` can be written: not a folder, its folder writable, and an existing file
+    only when this command wrote it (a re-run replaces its own output, never a user's other file)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder: give {setting} a file name (e.g. {path / 'out'}).")
+    if path.exists() and not written_by_us(path):
+        raise UserError(
+            f"{path} exists and was not written by this command: it is never overwritten. Give "
+            f"{setting} another name, or remove the file yourself."
+        )
+    check_writable(path.parent, setting)
+
+
+def check_accelerator(accelerator: str | None, setting: str) -> None:
+    """UserError when a GPU is asked for and there is none (Lightning's own message names no fix)."""
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        if accelerator == "cuda" or not torch.backends.mps.is_available():
+            raise UserError(
+                f"accelerator {accelerator!r} asked for, but this machine has no usable GPU (torch "
+                f"{torch.__version__}, CUDA build {torch.version.cuda}): use {setting} cpu (or auto: a "
+                f"GPU when there is one)."
+            )
 
 
 def _reason(err: BaseException) -> str:
@@ -139,14 +224,6 @@ def _fsync_dir(folder: Path) -> None:
     finally:
         os.close(fd)
 
-
-# Lightning ends a run that receives SIGTERM (a preempted node, `kill`) with SIGTERMException, a
-# SystemExit with status 0; entry points report it as the unfinished run it is.
-SIGTERM_MESSAGE = (
-    "stopped by SIGTERM before the run finished. Continue it with the same command plus --resume "
-    "(scripts/train.py) or --ckpt_path last (lit-cifar fit): the steps since its last checkpoint (at "
-    "most --last_checkpoint.every_n_train_steps) are trained again."
-)
 
 # ---------------------------------------------------------------------------- divergence
 
@@ -234,8 +311,11 @@ class DivergenceGuard(Callback):
         if kept:
             step = torch.load(kept[0], map_location="cpu", weights_only=True).get("global_step", "?")
             where = f"the last good checkpoint is kept: {kept[0]} (step {step})"
-        lr = pl_module.hparams.get("lr", "?") if hasattr(pl_module, "hparams") else "?"
-        return (
-            f"The run stopped there without saving; {where}. Lower the learning rate (--model.lr, now {lr}) "
-            f"or warm it up (--model.schedule cosine), then start again."
-        )
+        hp = getattr(pl_module, "hparams", {})
+        tips = [f"lower the learning rate (--model.lr, now {hp['lr']:g})"] if "lr" in hp else []
+        if hp.get("schedule") == "constant":  # a schedule with a warm-up: every one but constant
+            tips += [f"warm it up (--model.schedule {' or '.join(s for s in SCHEDULES if s != 'constant')})"]
+        elif "warmup_fraction" in hp:
+            tips += [f"warm up longer (--model.warmup_fraction, now {hp['warmup_fraction']:g})"]
+        advice = " or ".join(tips)
+        return f"The run stopped there without saving; {where}. {advice[:1].upper()}{advice[1:]}, then start again."

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lit_cifar.errors import UserError
-from lit_cifar.guards import load_checkpoint
+from lit_cifar.guards import check_hparams, check_output, load_checkpoint
 from lit_cifar.module import CIFARClassifier
 from lit_cifar.sources import IMAGE_SUFFIXES
 
@@ -43,6 +43,7 @@ def read_checkpoint(path: str | Path) -> dict:
             f"{path} is not a lit-cifar checkpoint (no CIFARClassifier hyperparameters): "
             f"give a .ckpt file written by `lit-cifar fit` or scripts/train.py."
         )
+    check_hparams(ckpt, CIFARClassifier, path)
     return ckpt
 
 
@@ -150,6 +151,10 @@ class PredictionWriter(BasePredictionWriter):
         self.rows: list[dict] = []
         self.skipped: list[tuple[str, str]] = []
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "predict":  # before any image is read, not when the CSV is due
+            check_output(self.output, _is_predictions_csv, "the output")
+
     def on_predict_start(self, trainer, pl_module) -> None:
         self.rows, self.skipped = [], []
 
@@ -197,6 +202,15 @@ class PredictionWriter(BasePredictionWriter):
         if self.skipped:
             lines = "".join(f"\n  {path}: {reason}" for path, reason in self.skipped)
             print(f"skipped {len(self.skipped)} unreadable file(s):{lines}", file=sys.stderr)
+
+
+def _is_predictions_csv(path: Path) -> bool:
+    """Whether `path` is a CSV written by PredictionWriter (its header line), which a re-run replaces."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readline().rstrip("\r\n") == ",".join(CSV_COLUMNS)
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def _write_csv_atomic(path: Path, rows: list[dict]) -> None:

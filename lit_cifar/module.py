@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from lit_cifar.errors import UserError
+from lit_cifar.errors import UserError, check_number
 from lit_cifar.nets import NETS, build_net
 
 SCHEDULES = ("constant", "onecycle")
@@ -54,10 +54,16 @@ class CIFARClassifier(L.LightningModule):
         super().__init__()
         if net not in NETS:
             raise UserError(f"unknown network {net!r}: choose one of {', '.join(NETS)}.")
-        if lr <= 0:
-            raise UserError(f"lr must be positive, got {lr}.")
-        if weight_decay < 0 or not 0 <= label_smoothing < 1 or not 0 <= warmup_fraction < 1:
-            raise UserError("weight_decay must be >= 0, label_smoothing and warmup_fraction in [0, 1).")
+        check_number("num_classes", num_classes, 1)
+        if num_classes < 2:
+            raise UserError(
+                f"num_classes is {num_classes}: a classifier needs at least two classes to tell apart "
+                f"(image folders: at least two train/<class>/ folders)."
+            )
+        check_number("lr", lr, 0, open_low=True)
+        check_number("weight_decay", weight_decay, 0)
+        check_number("label_smoothing", label_smoothing, 0, 1, open_high=True)
+        check_number("warmup_fraction", warmup_fraction, 0, 1, open_high=True)
         if schedule not in SCHEDULES:
             raise UserError(f"unknown schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}.")
         if class_names is not None and len(class_names) != num_classes:

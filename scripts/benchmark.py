@@ -65,7 +65,7 @@ from lit_cifar.cli import (
     TRAINER_DEFAULTS,
 )
 from lit_cifar.data import CIFARDataModule, TensorLoader, random_crop_flip
-from lit_cifar.errors import UserError
+from lit_cifar.errors import ArgumentParser, UserError, boundary
 from lit_cifar.guards import DivergenceGuard
 from lit_cifar.module import CIFARClassifier
 from lit_cifar.nets import build_net
@@ -81,7 +81,7 @@ SEED_LR, SEED_WEIGHT_DECAY = 1e-3, 1e-4  # the seed's AdamW, as it wrote it
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--data-dir", help="a CIFAR folder in any supported form; default: synthetic data")
@@ -662,7 +662,7 @@ def recipe(args: argparse.Namespace, data_dir: str, checksums: dict | None, log_
 
 
 def main(args: argparse.Namespace) -> None:
-    try:
+    with boundary():
         if min(args.rounds, args.steps, args.warmup, args.batch_size) < 1:
             raise UserError("--rounds, --steps, --warmup and --batch-size must be at least 1.")
         if args.seed_loop_steps is not None:
@@ -689,8 +689,6 @@ def main(args: argparse.Namespace) -> None:
         if args.out:
             result = {"args": vars(args), "device_name": _device_name(args.device), **result}
             Path(args.out).write_text(json.dumps(result, indent=1))
-    except UserError as err:
-        sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":

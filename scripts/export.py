@@ -12,19 +12,21 @@ only once its probabilities match the checkpoint's within 1e-4 (max abs differen
 images of --check-images, or on random images; otherwise nothing is written and the exit status is 1.
 """
 
-import argparse
 import copy
 import importlib.util
 import json
 import os
 import sys
 import warnings
+import zipfile
+from argparse import SUPPRESS, Namespace
 from pathlib import Path
 
 import torch
 
 from lit_cifar.data import CIFARDataModule
-from lit_cifar.errors import UserError
+from lit_cifar.errors import ArgumentParser, UserError, boundary
+from lit_cifar.guards import check_output
 from lit_cifar.inference import Deployable, find_images, load_model, read_image
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -32,8 +34,8 @@ TOLERANCE = 1e-4  # max abs difference of probabilities, exported vs checkpoint
 RANDOM_IMAGES = 37  # checked when no --check-images: an odd batch, unlike the export's example of 2
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
+def get_args_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__.split("\n")[0], argument_default=SUPPRESS)
     parser.add_argument("ckpt", help="a checkpoint written by training (.ckpt)")
     parser.add_argument("--format", required=True, choices=list(SUFFIXES))
     parser.add_argument("--output", help="where to write (default: beside the checkpoint, same stem)")
@@ -106,9 +108,22 @@ def check_images(folder: str | None) -> tuple[torch.Tensor, str]:
     return torch.stack(images), f"{folder}"
 
 
-def main(args: argparse.Namespace) -> None:
+def is_export(path: Path) -> bool:
+    """Whether `path` is an earlier export (which a re-run replaces): ONNX or TorchScript by content."""
+    if path.suffix == SUFFIXES["torchscript"]:
+        if not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/constants.pkl") for n in z.namelist())
+    with open(path, "rb") as f:  # an ONNX ModelProto starts with field 1, ir_version (a varint)
+        return path.suffix == SUFFIXES["onnx"] and f.read(1) == b"\x08"
+
+
+def main(args: Namespace) -> None:
     given = vars(args)
-    try:
+    with boundary():
+        output = Path(given.get("output") or Path(args.ckpt).with_suffix(SUFFIXES[args.format]))
+        check_output(output, is_export, "--output")
         model, settings = load_model(args.ckpt)
         data = CIFARDataModule(**settings)
         net = copy.deepcopy(model.net).to(memory_format=torch.contiguous_format)
@@ -117,7 +132,6 @@ def main(args: argparse.Namespace) -> None:
         images, source = check_images(given.get("check_images"))
         with torch.no_grad():  # the checkpoint's own path: the DataModule's preparation, predict_step
             expected = model.predict_step(data.to_float(images), 0)
-        output = Path(given.get("output") or Path(args.ckpt).with_suffix(SUFFIXES[args.format]))
         output.parent.mkdir(parents=True, exist_ok=True)
         export, run = EXPORT[args.format]
         # Written beside the target, renamed into place only once it passed: never a half or bad file.
@@ -144,8 +158,6 @@ def main(args: argparse.Namespace) -> None:
             os.replace(tmp, output)
         finally:
             tmp.unlink(missing_ok=True)
-    except UserError as err:
-        sys.exit(f"error: {err}")
     print(
         f"wrote {output} (input: uint8 images (N, 3, 32, 32); output: probabilities (N, {len(model.class_names)}))"
     )

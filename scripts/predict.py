@@ -10,18 +10,19 @@ from the checkpoint). Unreadable files are listed and skipped: the exit status i
 The same as `lit-cifar predict --ckpt_path CKPT --data.predict_dir DIR`.
 """
 
-import argparse
 import sys
+from argparse import SUPPRESS, Namespace
 
 import lightning as L
 
 from lit_cifar.data import CIFARDataModule
-from lit_cifar.errors import UserError
+from lit_cifar.errors import ArgumentParser, UserError, boundary
+from lit_cifar.guards import check_accelerator
 from lit_cifar.inference import SKIPPED_EXIT, PredictionWriter, load_model
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
+def get_args_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__.split("\n")[0], argument_default=SUPPRESS)
     parser.add_argument("ckpt", help="a checkpoint written by training (.ckpt)")
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="images, or folders of them")
     parser.add_argument("--output", help="the CSV to write (default: predictions.csv here)")
@@ -31,24 +32,26 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(args: argparse.Namespace) -> None:
+def main(args: Namespace) -> None:
     given = vars(args)
-    try:
+    with boundary():
         model, settings = load_model(args.ckpt)
         loader = {k: given[k] for k in ("batch_size", "num_workers") if k in given}
         data = CIFARDataModule(**settings, **loader, predict_dir=list(args.inputs))
         writer = PredictionWriter(**({"output": args.output} if "output" in given else {}))
-        trainer = L.Trainer(
-            **({"accelerator": args.accelerator} if "accelerator" in given else {}),
-            devices=1,  # one process: a CSV in input order, no launcher
-            logger=False,
-            callbacks=[writer],
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
+        check_accelerator(given.get("accelerator"), "--accelerator")
+        try:
+            trainer = L.Trainer(
+                **({"accelerator": args.accelerator} if "accelerator" in given else {}),
+                devices=1,  # one process: a CSV in input order, no launcher
+                logger=False,
+                callbacks=[writer],
+                enable_progress_bar=False,
+                enable_model_summary=False,
+            )
+        except ValueError as err:  # an accelerator Lightning does not know
+            raise UserError(f"{err}: see `predict.py --help`.") from None
         trainer.predict(model, datamodule=data, return_predictions=False)
-    except UserError as err:
-        sys.exit(f"error: {err}")
     if writer.skipped:
         sys.exit(SKIPPED_EXIT)
 

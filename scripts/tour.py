@@ -10,7 +10,6 @@ per-channel grids (one row per image, one gray tile per channel), never reshaped
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -21,11 +20,11 @@ from torch.utils.tensorboard import SummaryWriter
 from lit_cifar import build_net, sources
 from lit_cifar.callbacks import channel_grid, layer_outputs
 from lit_cifar.data import CIFAR10_CLASSES
-from lit_cifar.errors import UserError
+from lit_cifar.errors import ArgumentParser, UserError, boundary
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", help="an image folder or a CIFAR-10 folder (default: synthetic images)")
     parser.add_argument("--log-dir", default="runs/tour", help="TensorBoard folder (default: runs/tour)")
     parser.add_argument("--num-images", type=int, default=8, help="images to show (default: 8)")
@@ -114,21 +113,19 @@ def loss_tour(logits: torch.Tensor, labels: torch.Tensor) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    if args.num_images < 1:
-        sys.exit("error: --num-images must be at least 1.")
-    torch.manual_seed(0)  # the layers' random weights: the same pictures every run
-    try:
+    with boundary():
+        if args.num_images < 1:
+            raise UserError(f"--num-images must be at least 1, got {args.num_images}.")
+        torch.manual_seed(0)  # the layers' random weights: the same pictures every run
         x, labels, classes = load_images(args.data_dir, args.num_images)
-    except UserError as err:
-        sys.exit(f"error: {err}")
-    print(f"{len(x)} images from {args.data_dir or 'synthetic data'}: {[classes[i] for i in labels]}\n")
-    print(f"{'layer':<44} {'input':>16}    output")
-    with SummaryWriter(args.log_dir) as writer:
-        layer_tour(writer, x, len(classes))
-    print(f"\n{'loss':<44} shapes and value")
-    with torch.no_grad():
-        loss_tour(build_net("seed", len(classes))(x), labels)
-    print(f"\nwritten to {args.log_dir}: tensorboard --logdir {args.log_dir}")
+        print(f"{len(x)} images from {args.data_dir or 'synthetic data'}: {[classes[i] for i in labels]}\n")
+        print(f"{'layer':<44} {'input':>16}    output")
+        with SummaryWriter(args.log_dir) as writer:
+            layer_tour(writer, x, len(classes))
+        print(f"\n{'loss':<44} shapes and value")
+        with torch.no_grad():
+            loss_tour(build_net("seed", len(classes))(x), labels)
+        print(f"\nwritten to {args.log_dir}: tensorboard --logdir {args.log_dir}")
 
 
 if __name__ == "__main__":

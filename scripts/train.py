@@ -12,15 +12,12 @@ goes through a YAML file given with --config (see `lit-cifar fit --print_config`
 
 import argparse
 import inspect
-import sys
 
 import lightning as L
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_cifar.cli import SEED, TRAINER_DEFAULTS, LitCifarCLI
 from lit_cifar.data import CIFARDataModule
-from lit_cifar.errors import UserError
-from lit_cifar.guards import SIGTERM_MESSAGE
+from lit_cifar.errors import ArgumentParser, boundary
 from lit_cifar.module import CIFARClassifier
 
 # flag -> (LightningCLI key, where its default lives)
@@ -48,7 +45,7 @@ TYPES = {
     "num_workers": int,
     "lr": float,
     "seed": int,
-    "val_size": float,
+    # val_size: passed as typed (1 a count, 0.1 a fraction; 1.0 is refused as ambiguous)
 }
 
 
@@ -64,7 +61,7 @@ def _default(flag: str) -> object:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
+    parser = ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", action="append", help="a lit-cifar YAML config (repeatable)")
     for flag, (key, _) in FLAGS.items():
         if flag == "fast_dev_run":
@@ -96,7 +93,7 @@ def to_cli_args(args: argparse.Namespace) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> None:
-    try:
+    with boundary():
         cli = LitCifarCLI(args=to_cli_args(args), run=False, resume=getattr(args, "resume", None))
         trainer, model, data = cli.trainer, cli.model, cli.datamodule
         trainer.fit(model, datamodule=data, ckpt_path=cli.ckpt_path)
@@ -107,10 +104,6 @@ def main(args: argparse.Namespace) -> None:
             if data.has_test
             else trainer.validate(model, datamodule=data, ckpt_path=ckpt)
         )
-    except UserError as err:
-        sys.exit(f"error: {err}")
-    except SIGTERMException:
-        sys.exit(f"error: {SIGTERM_MESSAGE}")
     metric = "test/acc" if data.has_test else "val/acc"
     acc = results[0].get(metric, float("nan")) if results else float("nan")
     print(f"{metric} {acc:.4f} | best checkpoint: {best or '(none saved)'} | logs: {trainer.log_dir}")
