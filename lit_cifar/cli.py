@@ -64,6 +64,13 @@ LAST_CHECKPOINT_DEFAULTS = {
 }
 
 
+POSITIVE_TRAINER_SETTINGS = (
+    "log_every_n_steps",
+    "accumulate_grad_batches",
+    "val_check_interval",
+    "check_val_every_n_epoch",
+)
+
 # Lightning's bar redraws after every step, ~0.3 ms of Python each time (measured): on a GPU as
 # long as a whole training step. The CLI's bar redraws every PROGRESS_BAR_REFRESH_RATE steps.
 PROGRESS_BAR_REFRESH_RATE = 20
@@ -177,8 +184,9 @@ class LitCifarCLI(LightningCLI):
                     f"{key} is {value}: every number in the settings must be finite (see --help)."
                 )
         trainer = config.trainer
-        if trainer.log_every_n_steps is not None and trainer.log_every_n_steps < 1:
-            raise UserError(f"log_every_n_steps must be at least 1, got {trainer.log_every_n_steps}.")
+        for name in POSITIVE_TRAINER_SETTINGS:  # Lightning divides by these without checking them
+            if trainer[name] is not None and trainer[name] <= 0:
+                raise UserError(f"--trainer.{name} must be above 0, got {trainer[name]}.")
         epochs = trainer.max_epochs
         if epochs is not None and (epochs == 0 or epochs < -1):
             raise UserError(f"max_epochs must be at least 1 (or -1: no limit), got {epochs}.")
@@ -268,8 +276,8 @@ def _parse_error(err: ArgumentError) -> str:
     found = re.match(r'Parser key "([^"]+)":.*(?:Given|Got) value: (.*)$', text)
     if found is None:
         return text
-    types = ", ".join(dict.fromkeys(re.findall(r"<class '(\w+)'>", text))).replace("NoneType", "null")
-    return f"{found.group(1)}: expected {types}, got {found.group(2)!r}"
+    types = ", ".join(t for t in dict.fromkeys(re.findall(r"<class '(\w+)'>", text)) if t != "NoneType")
+    return f"{found.group(1)}: {f'expected {types}, ' if types else ''}got {found.group(2)!r}, not an accepted value"
 
 
 def main(args: list[str] | None = None) -> None:

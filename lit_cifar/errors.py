@@ -47,8 +47,9 @@ def check_number(
     too_low = low is not None and (value <= low if open_low else value < low)
     too_high = high is not None and (value >= high if open_high else value > high)
     if too_low or too_high:
-        lo = "" if low is None else f"{'>' if open_low else '>='} {low:g}"
-        hi = "" if high is None else f"{'<' if open_high else '<='} {high:g}"
+        lo = "" if low is None else f"above {low:g}" if open_low else f"at least {low:g}"
+        hi = "" if high is None else f"below {high:g}" if open_high else f"at most {high:g}"
+        lo = "positive" if lo == "above 0" else lo
         raise UserError(f"{name} must be {' and '.join(s for s in (lo, hi) if s)}, got {value!r}.")
 
 
@@ -90,8 +91,10 @@ def boundary() -> Iterator[None]:
             raise
         if isinstance(err, SystemExit) and not signal_name:
             raise  # sys.exit("error: ..."): already the line
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(INTERRUPTED_EXIT if signal_name == "SIGINT" else 1) from None
+        if signal_name == "SIGINT":
+            print(f"error: {message}", file=sys.stderr)
+            raise SystemExit(INTERRUPTED_EXIT) from None
+        raise SystemExit(f"error: {message}") from None  # Python prints it to stderr, exits with 1
     finally:
         _undo.clear()
 
