@@ -31,6 +31,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     when unpickled is refused before any of it runs.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(
+            f"{path} is a folder, not a checkpoint: give a .ckpt file in it (e.g. {path / 'last.ckpt'})."
+        )
+    if path.is_symlink() and not path.exists():
+        raise UserError(
+            f"{path} is a broken or looping symbolic link: point it at a .ckpt file, or give the file."
+        )
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}: give the path of a .ckpt file written by training.")
     try:
@@ -148,7 +156,9 @@ def check_output(path: str | Path, written_by_us: Callable[[Path], bool], settin
     only when this command wrote it (a re-run replaces its own output, never a user's other file)."""
     path = Path(path)
     if path.is_dir():
-        raise UserError(f"{path} is a folder: give {setting} a file name (e.g. {path / 'out'}).")
+        raise UserError(
+            f"{path} is a folder, not a file: give {setting} a file path (e.g. a new file in {path})."
+        )
     if path.exists() and not written_by_us(path):
         raise UserError(
             f"{path} exists and was not written by this command: it is never overwritten. Give "

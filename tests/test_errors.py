@@ -67,9 +67,6 @@ def fails(capsys, fn, *args, status: int = 1) -> str:
     assert exc.value.code == status or (status == 1 and isinstance(exc.value.code, str)), exc.value.code
     assert "Traceback" not in err
     assert line.startswith("error: ") and "\n" not in line.strip()
-    if os.environ.get("ROWS_OUT"):  # TEMP
-        with open(os.environ["ROWS_OUT"], "a") as f:
-            f.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '').split(' ')[0]}\t{line}\n")
     return line
 
 
@@ -237,11 +234,12 @@ def test_a_hyperparameter_of_the_wrong_type_is_one_line(image_folder, capsys, ke
     ("make", "words"),
     [
         (lambda p: p.write_bytes(b""), ["not a PyTorch checkpoint, or it is truncated"]),
-        (lambda p: p.mkdir(), ["no checkpoint at"]),
-        (lambda p: p.symlink_to(p), ["no checkpoint at"]),
-        (lambda p: p.symlink_to("missing-target.ckpt"), ["no checkpoint at"]),
+        (lambda p: p.mkdir(), ["x.ckpt is a folder, not a checkpoint", "x.ckpt/last.ckpt"]),
+        (lambda p: p.symlink_to(p), ["x.ckpt is a broken or looping symbolic link"]),
+        (lambda p: p.symlink_to("missing-target.ckpt"), ["x.ckpt is a broken or looping symbolic link"]),
+        (lambda p: None, ["no checkpoint at x.ckpt"]),
     ],
-    ids=["empty-file", "a-folder", "looping-link", "broken-link"],
+    ids=["empty-file", "a-folder", "looping-link", "broken-link", "missing"],
 )
 def test_a_checkpoint_path_that_is_no_file_is_one_line(image_folder, capsys, make, words):
     make(Path("x.ckpt"))
@@ -320,7 +318,7 @@ def test_predict_output_an_existing_folder_is_refused(image_folder, capsys):
     make_ckpt(Path("m.ckpt"))
     Path("out").mkdir()
     line = fails(capsys, run_script, "predict", "m.ckpt", str(image_folder / "test"), "--output=out")
-    assert "out is a folder" in line
+    assert "out is a folder, not a file" in line
 
 
 def test_predict_never_overwrites_a_file_it_did_not_write_but_replaces_its_own(image_folder, capsys):
