@@ -217,6 +217,8 @@ class LitCifarCLI(LightningCLI):
     def _claim_run_folders(self) -> None:
         """Refuse to write into another run's folders; have a failed start leave no folder behind."""
         trainer = self.trainer
+        if trainer.log_dir is None:  # fast_dev_run: no logs, no checkpoints
+            return
         log_dir = Path(trainer.log_dir)
         folders = {log_dir: "--trainer.default_root_dir"}
         resumed = (

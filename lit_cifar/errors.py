@@ -49,7 +49,7 @@ def check_number(
     if too_low or too_high:
         lo = "" if low is None else f"above {low:g}" if open_low else f"at least {low:g}"
         hi = "" if high is None else f"below {high:g}" if open_high else f"at most {high:g}"
-        lo = "positive" if lo == "above 0" else lo
+        lo = {"above 0": "positive", "at least 0": "0 or more"}.get(lo, lo)
         raise UserError(f"{name} must be {' and '.join(s for s in (lo, hi) if s)}, got {value!r}.")
 
 
