@@ -1,6 +1,7 @@
 """The core: network, module, data module, both entry points, checkpoints, the split, and what a
 newcomer meets first (the summary line, quiet runs, the flags named in messages, the tour)."""
 
+import ast
 import importlib.util
 import math
 import re
@@ -264,3 +265,22 @@ def test_train_short_trial_flags(image_folder):
     # 54 training images are 7 batches of 8. With the limit, epochs 0 and 1 take 2 steps each and
     # max_steps stops epoch 2 after its first (the checkpoint counts it as done): without, 5 steps of epoch 0.
     assert (ckpt["global_step"], ckpt["epoch"]) == (5, 3)
+
+
+def test_from_seed_cites_names_that_exist():
+    """docs/from_seed.md's `path.py:Name.attr`: ours in the repository, Lightning's in its package."""
+    lightning = Path(importlib.util.find_spec("lightning").submodule_search_locations[0]) / "pytorch"
+    cited = re.findall(r"`([\w/]+\.py):([\w.]+)`", (REPO / "docs/from_seed.md").read_text())
+    assert len(cited) >= 20
+    for path, name in cited:
+        nodes = ast.parse((REPO / path if (REPO / path).exists() else lightning / path).read_text()).body
+        for part in name.split("."):
+            node = next((n for n in nodes if part in _names_defined(n)), None)
+            assert node is not None, f"docs/from_seed.md cites {path}:{name}, which does not exist"
+            nodes = getattr(node, "body", [])
+
+
+def _names_defined(node: ast.stmt) -> set[str]:
+    if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+        return {node.name}
+    return {t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)}
