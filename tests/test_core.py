@@ -5,6 +5,7 @@ import ast
 import importlib.util
 import math
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -284,3 +285,17 @@ def _names_defined(node: ast.stmt) -> set[str]:
     if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
         return {node.name}
     return {t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)}
+
+
+def test_readme_quick_start_is_what_ci_runs_and_its_train_commands_parse():
+    readme = (REPO / "README.md").read_text()
+    quick = readme.split("## Quick start", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = [line.split("#")[0].strip() for line in quick.splitlines()]
+    ci = (REPO / ".ci/run").read_text().splitlines()
+    install = next(c for c in commands if c.startswith("pip install"))
+    assert f"python -m {install}" in ci and "python -m pytest" in commands and "python -m pytest" in ci
+    train = load_script("train")
+    examples = re.findall(r"^python scripts/train\.py([^#`\n]*)", readme, re.MULTILINE)
+    assert len(examples) >= 5
+    for flags in examples:
+        train.parse_args(shlex.split(flags))  # an unknown flag exits
