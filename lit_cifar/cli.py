@@ -89,7 +89,7 @@ def print_summary(trainer, metric: str, value: float | None) -> None:
     acc = f"{metric} {value:.4f}" if math.isfinite(value) else f"{metric} not measured"
     ckpt = trainer.checkpoint_callback
     best = (ckpt.best_model_path if ckpt else "") or "(none saved)"
-    print(f"{acc} | best checkpoint: {best} | logs: {trainer.log_dir}")
+    print(f"{acc} | best checkpoint: {best} | logs: {trainer.log_dir or '(none written)'}")
 
 
 class LitCifarCLI(LightningCLI):
@@ -168,6 +168,8 @@ class LitCifarCLI(LightningCLI):
         if root and getattr(logger, "init_args", None) is not None and logger.init_args.save_dir == ".":
             logger.init_args.save_dir = root
         self._check_trainer_settings(config.trainer)
+        if config.trainer.fast_dev_run:  # a check: Lightning 2.6 would still write ./checkpoints/last.ckpt
+            config.checkpoint.save_last = config.last_checkpoint.save_last = False
         if self.subcommand in ("validate", "test", "predict"):
             self._inputs_as_trained(config)
 

@@ -117,7 +117,11 @@ def test_train_script_fast_dev_run(source, request):
     if isinstance(data, tuple):  # the tests' own pickles: give their checksums, verification stays on
         md5s = data[1]
         args += ["--config", write_checksum_config(md5s)]
-    summary_accuracy(run(*args).stdout, "test/acc")
+    proc = run(*args)
+    summary_accuracy(proc.stdout, "test/acc")
+    assert proc.stdout.strip().endswith("| best checkpoint: (none saved) | logs: (none written)")
+    assert not [line for line in proc.stderr.splitlines() if LOOKS_LIKE_AN_ERROR.search(line)], proc.stderr
+    assert not Path("checkpoints").exists() and not Path("lightning_logs").exists()  # a check writes nothing
 
 
 def write_checksum_config(md5s: dict[str, str]) -> str:
