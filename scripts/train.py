@@ -77,6 +77,7 @@ def _defaults() -> dict[str, object]:
         for n in _source("lit_cifar", "cli.py").body
         if isinstance(n, ast.Assign)
         for t in n.targets
+        if isinstance(t, ast.Name)
     }
     found = {"Trainer": _literal(cli["TRAINER_DEFAULTS"]), None: {"seed_everything": _literal(cli["SEED"])}}
     for owner, (package, name) in SOURCES.items():
