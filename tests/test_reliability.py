@@ -5,6 +5,7 @@ python -m pytest tests/test_reliability.py -q            (the slow ones spawn re
 
 import importlib.util
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -198,28 +199,43 @@ def test_sigkill_during_a_checkpoint_write_leaves_a_loadable_checkpoint():
 # ---------------------------------------------------------------------------- kill and resume
 
 KILLER = """
-import os, signal
-from lightning.pytorch.callbacks import Callback
+import os, runpy, signal, sys
+import lightning.pytorch as pl
+from lit_cifar.cli import LitCifarCLI
 
-class KillAtStep(Callback):
-    '''Signal this process right after training step `step` (before that step's checkpoint).'''
-    def __init__(self, step: int, signal: str = "SIGKILL") -> None:
-        self.step, self.signal = step, signal
+STEP, SIGNAL = int(os.environ["KILL_AT_STEP"]), getattr(signal, os.environ["KILL_SIGNAL"])
 
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), getattr(signal, self.signal))
+
+class KillAtStep(pl.Callback):
+    # Signal this process right after training step STEP (before that step's checkpoint).
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == STEP:
+            os.kill(os.getpid(), SIGNAL)
+
+
+# Added to every Trainer from outside, as a real kill comes: the run's settings never see it.
+instantiate_trainer = LitCifarCLI.instantiate_trainer
+
+
+def with_killer(self, **kwargs):
+    trainer = instantiate_trainer(self, **kwargs)
+    trainer.callbacks.insert(0, KillAtStep())
+    return trainer
+
+
+LitCifarCLI.instantiate_trainer = with_killer
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
 """
+LIT_CIFAR = shutil.which("lit-cifar")
 
 
-def killed_run(command: list[str], step: int, sig: str = "SIGKILL") -> subprocess.CompletedProcess:
-    """Run `command` with a callback that sends itself `sig` after training step `step`."""
+def killed_run(script: str, args: list[str], step: int, sig: str = "SIGKILL") -> subprocess.CompletedProcess:
+    """Run `script args` in a process that sends itself `sig` after training step `step`."""
     Path("killer.py").write_text(KILLER)
-    Path("kill.yaml").write_text(
-        "trainer:\n  callbacks:\n    - class_path: killer.KillAtStep\n"
-        f"      init_args: {{step: {step}, signal: {sig}}}\n"
+    proc = run(
+        sys.executable, "killer.py", script, *args, env={"KILL_AT_STEP": str(step), "KILL_SIGNAL": sig}
     )
-    proc = run(*command, "--config=kill.yaml", env={"PYTHONPATH": str(Path.cwd())})
     if sig == "SIGKILL":
         assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     return proc
@@ -232,22 +248,47 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(wa[key], wb[key]), key
 
 
+def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series of a run folder as TensorBoard shows it: its (step, value) points in the
+    order written, over all the folder's event files. EventAccumulator reads a folder as TensorBoard
+    does: a resumed run's purge_step (a SessionLog START event) drops the points the killed run wrote
+    at that step or later, i.e. after its checkpoint; any other point logged twice shows twice."""
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def assert_same_scalars(got: Path, want: Path) -> None:
+    """Every tag, every step, once each, values equal within float tolerance."""
+    a, b = scalars(got), scalars(want)
+    assert sorted(a) == sorted(b)
+    for tag, points in b.items():
+        assert [s for s, _ in a[tag]] == [s for s, _ in points], tag  # no point missing or twice
+        assert [v for _, v in a[tag]] == pytest.approx([v for _, v in points], rel=1e-5, abs=1e-6), tag
+
+
 @pytest.mark.slow
-def test_cli_sigkill_mid_epoch_then_ckpt_path_last_ends_as_if_never_interrupted(image_folder, capsys):
+def test_cli_sigkill_twice_then_ckpt_path_last_ends_and_logs_as_if_never_interrupted(image_folder, capsys):
     args = ["fit", f"--data.data_dir={image_folder}", *TINY]
     cli_main([*args, "--trainer.default_root_dir=uninterrupted"])
+    run_dir = Path("lightning_logs/version_0")
 
-    killed_run(["lit-cifar", *args], step=5)  # last.ckpt was written at step 4, mid-epoch 0
+    killed_run(LIT_CIFAR, args, step=3)  # inside the first epoch: last.ckpt from step 2
     ckpt = load_checkpoint(LAST)
-    assert (ckpt["global_step"], ckpt["epoch"]) == (4, 0)
+    assert (ckpt["global_step"], ckpt["epoch"]) == (2, 0)
+    config = (run_dir / "config.yaml").read_bytes()
+    killed_run(LIT_CIFAR, [*args, "--ckpt_path=last"], step=9)  # resumed, killed in epoch 1: step 8
+    assert load_checkpoint(LAST)["global_step"] == 8
 
     cli_main([*args, "--ckpt_path=last"])
     assert f"resuming from {LAST}" in capsys.readouterr().err
     assert os.listdir("lightning_logs") == ["version_0"]  # the same run folder, no new version
-    assert len(list(Path("lightning_logs/version_0").glob("events.out.tfevents.*"))) == 2
-    assert (Path("lightning_logs/version_0/config.yaml")).is_file()
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 3
+    assert (run_dir / "config.yaml").read_bytes() == config  # as the run wrote it
     assert load_checkpoint(LAST)["global_step"] == 12
     assert_same_weights(LAST, Path("uninterrupted") / LAST)  # bit for bit, augmentation included
+    assert_same_scalars(run_dir, Path("uninterrupted") / run_dir)
+    assert {"train/loss_epoch", "train/acc", "val/acc_best", "lr-AdamW"} <= set(scalars(run_dir))
 
 
 @pytest.mark.slow
@@ -260,19 +301,20 @@ def test_train_script_sigkill_in_second_epoch_then_resume_ends_as_if_never_inter
     )
     train_main(*flags, "--default-root-dir", "uninterrupted")
 
-    killed_run([sys.executable, str(REPO / "scripts/train.py"), *flags], step=9)  # last.ckpt: step 8
+    killed_run(str(REPO / "scripts/train.py"), flags, step=9)  # last.ckpt: step 8
     assert load_checkpoint(LAST)["global_step"] == 8
 
     train_main(*flags, "--resume")
     assert os.listdir("lightning_logs") == ["version_0"]
     assert load_checkpoint(LAST)["global_step"] == 12
     assert_same_weights(LAST, Path("uninterrupted") / LAST)
+    assert_same_scalars(LAST.parents[1], Path("uninterrupted") / LAST.parents[1])
 
 
 @pytest.mark.slow
 def test_sigterm_exits_non_zero_with_a_message_and_the_run_resumes(image_folder):
     args = ["fit", f"--data.data_dir={image_folder}", *TINY]
-    proc = killed_run(["lit-cifar", *args], step=5, sig="SIGTERM")  # a preempted node's notice
+    proc = killed_run(LIT_CIFAR, args, step=5, sig="SIGTERM")  # a preempted node's notice
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert (
         proc.stderr.strip().splitlines()[-1].startswith("error: stopped by SIGTERM before the run finished.")
