@@ -18,6 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.nn import functional as F
 
 from lit_cifar import CIFARClassifier, CIFARDataModule, build_net
+from lit_cifar.cli import LitCifarCLI
 from lit_cifar.cli import main as cli_main
 from lit_cifar.data import TensorLoader
 from lit_cifar.guards import SafeCheckpointIO, load_checkpoint
@@ -452,11 +453,9 @@ def test_files_that_are_not_checkpoints_get_a_clear_error(image_folder):
 def test_a_checkpoint_of_another_network_gets_a_clear_error(image_folder):
     state = {f"net.{k}": v for k, v in build_net("seed_bn", 3).state_dict().items()}
     torch.save({"state_dict": state, "hyper_parameters": {"net": "seed_bn", "num_classes": 3}}, "bn.ckpt")
+    # The file's hyperparameters are the run's settings: another net asked for is a changed setting.
     message = error_of(train_main, "--data-dir", str(image_folder), "--net", "seed", "--resume", "bn.ckpt")
-    assert message.startswith(
-        "error: bn.ckpt holds another network (seed_bn, 3 classes) than the one set up (seed, 3"
-    )
-    assert "--model.net seed_bn" in message
+    assert message.splitlines()[1:] == ["  --model.net: 'seed_bn' in the run, 'seed' given"]
     # Without hyperparameters the CLI cannot take the network from the file: the same check speaks.
     torch.save({"state_dict": state}, "bare.ckpt")
     message = error_of(cli_main, ["fit", f"--data.data_dir={image_folder}", "--ckpt_path=bare.ckpt"])
@@ -519,3 +518,44 @@ def test_bad_command_lines_are_refused_before_any_work(image_folder, cli_flag, t
     message = error_of(train_main, "--data-dir", str(image_folder), *train_flags)
     assert message.startswith(f"error: {start}") and "\n" not in message, message
     assert not Path("lightning_logs").exists()  # nothing written
+
+
+# ---------------------------------------------------------------------------- resumed with its own settings
+
+
+@pytest.mark.slow
+def test_resume_continues_with_the_runs_own_settings_and_refuses_others(image_folder, capsys):
+    args = ["fit", f"--data.data_dir={image_folder}", *TINY, "--trainer.max_epochs=1"]
+    cli_main([args[0], f"--config={REPO / 'configs/seed.yaml'}", *args[1:]])  # the seed recipe
+    run_dir = LAST.parents[1]
+    config, events = (run_dir / "config.yaml").read_bytes(), sorted(run_dir.glob("events.*"))
+
+    # Resumed with the default flags: the run's settings, not the defaults (scripts/train.py's way).
+    cli = LitCifarCLI(args=[f"--data.data_dir={image_folder}"], run=False, resume="last")
+    assert (cli.model.hparams.lr, cli.model.hparams.schedule) == (1e-3, "constant")
+    assert (cli.datamodule.hparams.normalize, cli.datamodule.hparams.batch_size) == (False, 8)
+    assert cli.trainer.max_epochs == 1
+
+    # Settings that change what is trained are refused, each named, before anything is written.
+    message = error_of(cli_main, [*args, "--ckpt_path=last", "--model.lr=0.1", "--data.normalize=true"])
+    assert message.splitlines() == [
+        f"error: {LAST} continues a run trained with other settings than given now; a resumed run "
+        "keeps its own (drop these, or start a new run to change them):",
+        "  --model.lr: 0.001 in the run, 0.1 given",
+        "  --data.normalize: False in the run, True given",
+    ]
+    message = error_of(train_main, "--data-dir", str(image_folder), "--batch-size", "16", "--resume")
+    assert message.splitlines()[1:] == ["  --data.batch_size: 8 in the run, 16 given"]
+    assert sorted(run_dir.glob("events.*")) == events
+
+    # More epochs: allowed, and said; the run goes on in its folder, its config.yaml as it was.
+    capsys.readouterr()
+    cli_main([*args, "--ckpt_path=last", "--trainer.max_epochs=2"])
+    assert "training extended: max_epochs 1 -> 2" in capsys.readouterr().err.splitlines()
+    assert load_checkpoint(LAST)["global_step"] == 12 and os.listdir("lightning_logs") == ["version_0"]
+    assert (run_dir / "config.yaml").read_bytes() == config
+
+
+def test_fast_dev_run_writes_no_checkpoint(image_folder):
+    cli_main(["fit", f"--data.data_dir={image_folder}", *TINY, "--trainer.fast_dev_run=true"])
+    assert sorted(Path.cwd().rglob("*.ckpt")) == []
