@@ -36,7 +36,7 @@ run "${A[@]}" --trainer.default_root_dir=ref1
 run "${A[@]}" --trainer.default_root_dir=ref2
 run "${A[@]}" --config=kill.yaml  # 6 steps an epoch: killed after step 5, last.ckpt from step 4
 python3 -c "import torch; c = torch.load('$L', weights_only=True); s = c['loops']['fit_loop']['state_dict']['combined_loader'][0]; print('after the kill: last.ckpt at step', c['global_step'], 'epoch', c['epoch'], '| GPU random state saved:', 'cuda_rng' in s)"
-run "${A[@]}" --ckpt_path=last
+run "${A[@]}" --ckpt_path=last --trainer.callbacks=[]  # resumed with the run's config.yaml, less its killer
 echo "run folders: $(ls lightning_logs)"
 python3 - <<'PY'
 import torch
