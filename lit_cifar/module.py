@@ -127,9 +127,9 @@ class CIFARClassifier(L.LightningModule):
         # only updates its metrics, on the device (no sync), and hands Lightning the step's loss
         # when it writes logs (every log_every_n_steps) -> train/loss_step; the epoch's values are
         # logged at its end -> train/loss_epoch, train/acc.
-        images = torch.full_like(loss, len(y))
-        correct = (logits.argmax(1) == y).sum().to(loss.dtype)
-        self.train_sums.add_(torch.stack((loss.detach() * images, correct, images)))
+        images = torch.full_like(loss, len(y), dtype=torch.float32)  # float32 whatever the precision
+        correct = (logits.argmax(1) == y).sum().float()
+        self.train_sums.add_(torch.stack((loss.detach().float() * images, correct, images)))
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             self.log("train/loss_step", loss, sync_dist=True)  # DDP: the mean over all ranks
 
