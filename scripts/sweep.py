@@ -29,6 +29,7 @@ try:
     from optuna_integration import PyTorchLightningPruningCallback
 except ImportError as err:
     sys.exit(f'error: the sweep needs Optuna ({err.name} is not installed): pip install -e ".[sweep]"')
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # the two noted below
 
 
 # The search space: lit-cifar settings (LightningCLI keys) -> how a trial picks each one's value.
@@ -83,10 +84,12 @@ def fit_args(args: argparse.Namespace, passthrough: list[str]) -> list[str]:
 
 
 def build_cli(cli_args: list[str]) -> LitCifarCLI:
+    # Lightning warns when sys.argv holds arguments too: here they are the sweep's, read already.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     try:
         return LitCifarCLI(args=cli_args, run=False, parser_kwargs={"exit_on_error": False})
     except ArgumentError as err:  # a bad passed-through setting: one line, not jsonargparse's usage
-        raise UserError(f"{err} (see `lit-cifar fit --help`)") from None
+        raise UserError(f"{err} (see `lit-cifar fit --help`, `{sys.argv[0]} --help`)") from None
 
 
 def objective(trial: "optuna.Trial", args: argparse.Namespace, passthrough: list[str]) -> float:
@@ -107,7 +110,12 @@ def objective(trial: "optuna.Trial", args: argparse.Namespace, passthrough: list
 
 
 def optimize(args, passthrough, n_trials: int | None, pruner: "optuna.pruners.BasePruner") -> None:
-    study = optuna.load_study(study_name=args.study_name, storage=storage(args), pruner=pruner)
+    # constant_liar: trials running in other processes count as bad until they finish, so that
+    # parallel workers do not all sample the same promising corner (experimental in Optuna).
+    sampler = optuna.samplers.TPESampler(constant_liar=True)
+    study = optuna.load_study(
+        study_name=args.study_name, storage=storage(args), sampler=sampler, pruner=pruner
+    )
     study.optimize(lambda t: objective(t, args, passthrough), n_trials=n_trials, timeout=args.timeout)
 
 
@@ -125,8 +133,7 @@ def storage(args: argparse.Namespace) -> "str | optuna.storages.BaseStorage":
     url = args.storage or f"sqlite:///{args.output_dir / 'study.db'}"
     if "://" not in url:
         return JournalStorage(JournalFileBackend(url))
-    # A heartbeat, so that the next call marks FAIL the trials of a process that was killed outright.
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
+    # A heartbeat (experimental), so that the next call marks FAIL the trials of a killed process.
     return optuna.storages.RDBStorage(url, heartbeat_interval=60)
 
 
@@ -135,7 +142,9 @@ def report(study: "optuna.Study", args: argparse.Namespace) -> str:
     keys = sorted({k for t in study.trials for k in t.params})
     lines = [
         f"study {study.study_name}: {len(study.trials)} trials; val/acc is each trial's best, at epoch (1-based)",
-        "| trial | state | val/acc | epoch | s | " + " | ".join(k.split(".")[1] for k in keys) + " |",
+        "| "
+        + " | ".join(["trial", "state", "val/acc", "epoch", "s"] + [k.split(".")[1] for k in keys])
+        + " |",
         "|---" * (5 + len(keys)) + "|",
     ]
     for t in study.trials:
