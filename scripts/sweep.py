@@ -55,8 +55,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, help="seconds after which no new trial starts")
     parser.add_argument("--jobs", type=int, default=1, help="trials at once, each in its own process")
     parser.add_argument("--output-dir", type=Path, default=Path("sweep"), help="default: %(default)s")
-    parser.add_argument("--storage", help="an Optuna RDB URL, or a journal file's path (default: sqlite "
-                        "file OUTPUT_DIR/study.db)")  # fmt: skip
+    parser.add_argument("--storage", help="Optuna RDB URL or journal file (default: OUTPUT_DIR/study.db)")
     parser.add_argument("--study-name", default="lit-cifar", help="default: %(default)s")
     return parser
 
@@ -65,10 +64,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     args, passthrough = get_args_parser().parse_known_args(argv)
     passthrough = [a for a in passthrough if a != "--"]
     searched = {a.removeprefix("--").split("=")[0] for a in passthrough} & set(SPACE)
-    if searched:
-        raise UserError(
-            f"--{searched.pop()} is searched by the sweep: drop it (or edit SPACE in {__file__})."
-        )
+    if searched:  # the searched value would replace it
+        raise UserError(f"--{searched.pop()} is searched by the sweep: drop it, or edit SPACE in {__file__}.")
     if args.trials is None and args.timeout is None:
         raise UserError("no budget: give --trials N and/or --timeout SECONDS.")
     if min(args.jobs, args.trials or 1) < 1:
@@ -97,10 +94,9 @@ def objective(trial: "optuna.Trial", args: argparse.Namespace, passthrough: list
     if run_dir.exists():
         raise UserError(f"{run_dir} exists (another study's trial?): give this study its own --output-dir.")
     logger = {"save_dir": args.output_dir, "name": "tb", "version": run_dir.name}
-    cli_args = fit_args(args, passthrough) + [
-        f"--trainer.logger.init_args.{k}={v}" for k, v in logger.items()
-    ]
-    cli = build_cli(cli_args + [f"--{key}={pick(trial, key)}" for key, pick in SPACE.items()])
+    logger_args = [f"--trainer.logger.init_args.{k}={v}" for k, v in logger.items()]
+    settings = [f"--{key}={pick(trial, key)}" for key, pick in SPACE.items()]
+    cli = build_cli(fit_args(args, passthrough) + logger_args + settings)
     cli.trainer.callbacks.append(PyTorchLightningPruningCallback(trial, monitor="val/acc"))
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -109,24 +105,21 @@ def objective(trial: "optuna.Trial", args: argparse.Namespace, passthrough: list
     return cli.trainer.callback_metrics["val/acc_best"].item()
 
 
-def optimize(args, passthrough, n_trials: int | None, pruner: "optuna.pruners.BasePruner") -> None:
+def optimize(args, passthrough, n_trials: int | None, pruner: "optuna.pruners.BasePruner") -> bool:
+    """Run trials of the study in this process; True if Ctrl-C stopped it (its trial marked FAIL)."""
     # constant_liar: trials running in other processes count as bad until they finish, so that
     # parallel workers do not all sample the same promising corner (experimental in Optuna).
     sampler = optuna.samplers.TPESampler(constant_liar=True)
     study = optuna.load_study(
         study_name=args.study_name, storage=storage(args), sampler=sampler, pruner=pruner
     )
-    study.optimize(lambda t: objective(t, args, passthrough), n_trials=n_trials, timeout=args.timeout)
-
-
-def worker(*args) -> None:
-    """One of --jobs processes: its share of the trials (Ctrl-C: the parent writes the table)."""
     try:
-        optimize(*args)
+        study.optimize(lambda t: objective(t, args, passthrough), n_trials=n_trials, timeout=args.timeout)
     except KeyboardInterrupt:
-        pass
+        return True
     except UserError as err:
         sys.exit(f"error: {err}")
+    return False
 
 
 def storage(args: argparse.Namespace) -> "str | optuna.storages.BaseStorage":
@@ -141,36 +134,32 @@ def report(study: "optuna.Study", args: argparse.Namespace) -> str:
     """The table of trials (markdown), and best.yaml: the best trial's config, logged where you run it."""
     keys = sorted({k for t in study.trials for k in t.params})
     lines = [
-        f"study {study.study_name}: {len(study.trials)} trials; val/acc is each trial's best, at epoch (1-based)",
-        "| "
-        + " | ".join(["trial", "state", "val/acc", "epoch", "s"] + [k.split(".")[1] for k in keys])
-        + " |",
+        f"study {study.study_name}: {len(study.trials)} trials; val/acc: each trial's best, at epoch (1-based)",
+        _row(["trial", "state", "val/acc", "epoch", "s"] + [k.split(".")[1] for k in keys]),
         "|---" * (5 + len(keys)) + "|",
     ]
     for t in study.trials:
-        steps = t.intermediate_values
-        best = max(steps, key=steps.get) if steps else None
-        acc, epoch = (f"{steps[best]:.4f}", best + 1) if steps else ("", "")
+        acc = t.intermediate_values  # epoch -> val/acc
+        epoch = max(acc, key=acc.get) if acc else None
+        best = [f"{acc[epoch]:.4f}", epoch + 1] if acc else ["", ""]
         secs = f"{t.duration.total_seconds():.0f}" if t.duration else ""
-        row = [t.number, t.state.name, acc, epoch, secs] + [_fmt(t.params.get(k, "")) for k in keys]
-        lines.append("| " + " | ".join(map(str, row)) + " |")
+        values = [f"{v:.3g}" if isinstance(v, float) else v for v in (t.params.get(k, "") for k in keys)]
+        lines.append(_row([t.number, t.state.name, *best, secs, *values]))
     done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))  # not a pruned trial's partial value
     best = max(done, key=lambda t: t.value) if done else None
     config_file = args.output_dir / "tb" / f"trial_{best.number}" / "config.yaml" if best else None
     if config_file and config_file.exists():
         config = yaml.safe_load(config_file.read_text())
         config["trainer"].pop("logger")  # a rerun logs to lightning_logs/, never into the sweep's trial
-        text = f"# sweep {study.study_name}, trial {best.number}: val/acc {best.value:.4f}\n" + yaml.dump(
-            config
-        )
-        _write(args.output_dir / "best.yaml", text)
-        lines.append(f"best: trial {best.number}, val/acc {best.value:.4f}: {args.output_dir / 'best.yaml'}")
+        title = f"sweep {study.study_name}, trial {best.number}: val/acc {best.value:.4f}"
+        _write(args.output_dir / "best.yaml", f"# {title}\n{yaml.dump(config)}")
+        lines.append(f"best: {title}: {args.output_dir / 'best.yaml'}")
     _write(args.output_dir / "trials.md", "\n".join(lines) + "\n")
     return "\n".join(lines)
 
 
-def _fmt(value: object) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
+def _row(cells: list) -> str:
+    return "| " + " | ".join(map(str, cells)) + " |"
 
 
 def _write(path: Path, text: str) -> None:
@@ -194,16 +183,14 @@ def main(argv: list[str] | None = None, pruner: "optuna.pruners.BasePruner | Non
         study_name=args.study_name, storage=storage(args), direction="maximize", load_if_exists=True
     )
     jobs = min(args.jobs, args.trials or args.jobs)
-    shares = [
-        None if args.trials is None else args.trials // jobs + (i < args.trials % jobs) for i in range(jobs)
-    ]
+    shares = [None if args.trials is None else len(range(i, args.trials, jobs)) for i in range(jobs)]
     interrupted, workers = False, []
     try:
         if jobs == 1:
-            optimize(args, passthrough, shares[0], pruner)
+            interrupted = optimize(args, passthrough, shares[0], pruner)
         else:  # processes, not optuna's n_jobs threads: Lightning and torch's seeding are per process
             spawn = multiprocessing.get_context("spawn")
-            workers = [spawn.Process(target=worker, args=(args, passthrough, n, pruner)) for n in shares]
+            workers = [spawn.Process(target=optimize, args=(args, passthrough, n, pruner)) for n in shares]
             for w in workers:
                 w.start()
             for w in workers:
@@ -212,8 +199,6 @@ def main(argv: list[str] | None = None, pruner: "optuna.pruners.BasePruner | Non
         interrupted = True
         for w in workers:
             w.join()  # each marks its running trial FAIL and stops
-    except UserError as err:
-        sys.exit(f"error: {err}")
     print(report(optuna.load_study(study_name=args.study_name, storage=storage(args)), args))
     if interrupted:
         sys.exit("error: interrupted: the running trials are marked FAIL; run the same command to continue.")
