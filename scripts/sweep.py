@@ -150,7 +150,12 @@ def report(study: "optuna.Study", args: argparse.Namespace) -> str:
     config_file = args.output_dir / "tb" / f"trial_{best.number}" / "config.yaml" if best else None
     if config_file and config_file.exists():
         config = yaml.safe_load(config_file.read_text())
-        config["trainer"].pop("logger")  # a rerun logs to lightning_logs/, never into the sweep's trial
+        for key in (
+            "logger",
+            "enable_progress_bar",
+            "enable_model_summary",
+        ):  # the sweep's, not the recipe's:
+            config["trainer"].pop(key)  # a rerun logs to lightning_logs/, never into the sweep's trial
         title = f"sweep {study.study_name}, trial {best.number}: val/acc {best.value:.4f}"
         _write(args.output_dir / "best.yaml", f"# {title}\n{yaml.dump(config)}")
         lines.append(f"best: {title}: {args.output_dir / 'best.yaml'}")

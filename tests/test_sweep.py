@@ -7,6 +7,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 from conftest import write_image_folder
 
 from lit_cifar.cli import LitCifarCLI
@@ -64,6 +65,8 @@ def test_study_continues_and_best_yaml_reproduces_the_best_trial(tmp_path):
     best = study.best_trial
     text = (out / "best.yaml").read_text()
     assert text.startswith(f"# sweep lit-cifar, trial {best.number}: val/acc {best.value:.4f}")
+    trainer = yaml.safe_load(text)["trainer"]  # the sweep's logger and quiet output are not the recipe
+    assert not {"logger", "enable_progress_bar", "enable_model_summary"} & set(trainer)
     cli = LitCifarCLI(
         args=["--config", str(out / "best.yaml"), "--trainer.enable_progress_bar=false"], run=False
     )
