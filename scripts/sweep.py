@@ -57,6 +57,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", type=Path, default=Path("sweep"), help="default: %(default)s")
     parser.add_argument("--storage", help="Optuna RDB URL or journal file (default: OUTPUT_DIR/study.db)")
     parser.add_argument("--study-name", default="lit-cifar", help="default: %(default)s")
+    parser.error = lambda message: sys.exit(
+        f"error: {message} (see {sys.argv[0]} --help)"
+    )  # one line, no usage
     return parser
 
 

@@ -121,6 +121,7 @@ def test_an_interrupted_trial_is_marked_failed_and_the_table_written(tmp_path):
         (["--model.lrr=1"], "error: .*--model.lrr=1.* \\(see `lit-cifar fit --help`"),
         (["--net", "resnet"], "error: unknown network 'resnet'"),
         (["--jobs", "0"], "error: --trials and --jobs must be at least 1"),
+        (["--jobs", "two"], "error: argument --jobs: invalid int value: 'two'"),
     ],
 )
 def test_bad_settings_fail_in_one_line_before_any_trial(tmp_path, extra, message):
