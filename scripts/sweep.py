@@ -149,21 +149,25 @@ def report(study: "optuna.Study", args: argparse.Namespace) -> str:
         values = [f"{v:.3g}" if isinstance(v, float) else v for v in (t.params.get(k, "") for k in keys)]
         lines.append(_row([t.number, t.state.name, *best, secs, *values]))
     done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))  # not a pruned trial's partial value
-    best = max(done, key=lambda t: t.value) if done else None
-    config_file = args.output_dir / "tb" / f"trial_{best.number}" / "config.yaml" if best else None
-    if config_file and config_file.exists():
-        config = yaml.safe_load(config_file.read_text())
-        for key in (
-            "logger",
-            "enable_progress_bar",
-            "enable_model_summary",
-        ):  # the sweep's, not the recipe's:
-            config["trainer"].pop(key)  # a rerun logs to lightning_logs/, never into the sweep's trial
+    if done:
+        best = max(done, key=lambda t: t.value)
         title = f"sweep {study.study_name}, trial {best.number}: val/acc {best.value:.4f}"
-        _write(args.output_dir / "best.yaml", f"# {title}\n{yaml.dump(config)}")
-        lines.append(f"best: {title}: {args.output_dir / 'best.yaml'}")
+        lines.append(f"best: {title}: {write_best(args.output_dir, best.number, title)}")
     _write(args.output_dir / "trials.md", "\n".join(lines) + "\n")
     return "\n".join(lines)
+
+
+def write_best(output_dir: Path, number: int, title: str) -> str:
+    """best.yaml: the trial's config less the sweep's own logger and quiet output (a rerun logs to
+    lightning_logs/, never into the sweep, with its progress bar)."""
+    config_file = output_dir / "tb" / f"trial_{number}" / "config.yaml"
+    if not config_file.exists():  # the trial ran on another machine, into its own --output-dir
+        return f"no {config_file} here, best.yaml not written"
+    config = yaml.safe_load(config_file.read_text())
+    for key in ("logger", "enable_progress_bar", "enable_model_summary"):
+        config["trainer"].pop(key)
+    _write(output_dir / "best.yaml", f"# {title}\n{yaml.dump(config)}")
+    return str(output_dir / "best.yaml")
 
 
 def _row(cells: list) -> str:
