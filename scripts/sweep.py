@@ -129,7 +129,7 @@ def storage(args: argparse.Namespace) -> "str | optuna.storages.BaseStorage":
     url = args.storage or f"sqlite:///{args.output_dir / 'study.db'}"
     if "://" not in url:
         return JournalStorage(JournalFileBackend(url))
-    # A heartbeat (experimental), so that the next call marks FAIL the trials of a killed process.
+    # A heartbeat (experimental): a trial starting 2 min after a process was killed marks its trial FAIL.
     return optuna.storages.RDBStorage(url, heartbeat_interval=60)
 
 
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None, pruner: "optuna.pruners.BasePruner | Non
     try:
         args, passthrough = parse(sys.argv[1:] if argv is None else argv)
         cli = build_cli(fit_args(args, passthrough))  # bad settings fail here, before any trial
-        cli.datamodule.prepare_data()  # decode the data once, before processes race to
+        cli.datamodule.prepare_data()  # decode the data once, not once per --jobs process
         epochs = cli.trainer.max_epochs
     except UserError as err:
         sys.exit(f"error: {err}")
