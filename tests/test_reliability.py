@@ -219,7 +219,8 @@ def killed_run(command: list[str], step: int, sig: str = "SIGKILL") -> subproces
         "trainer:\n  callbacks:\n    - class_path: killer.KillAtStep\n"
         f"      init_args: {{step: {step}, signal: {sig}}}\n"
     )
-    proc = run(*command, "--config=kill.yaml", env={"PYTHONPATH": str(Path.cwd())})
+    path = os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")]))  # killer.py too
+    proc = run(*command, "--config=kill.yaml", env={"PYTHONPATH": path})
     if sig == "SIGKILL":
         assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     return proc
