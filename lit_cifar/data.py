@@ -204,6 +204,7 @@ class CIFARDataModule(L.LightningDataModule):
         if self.hparams.fast:
             device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
             hp = self.hparams
+            crop_flip = partial(random_crop_flip, padding=hp.crop_padding, padding_mode=hp.padding_mode)
             loader = TensorLoader(
                 x.to(device),
                 y.to(device),
@@ -213,9 +214,7 @@ class CIFARDataModule(L.LightningDataModule):
                 rank=rank,
                 world_size=world,
                 drop_last=train,
-                augment=partial(random_crop_flip, padding=hp.crop_padding, padding_mode=hp.padding_mode)
-                if augment
-                else None,
+                augment=crop_flip if augment else None,
                 epoch=(lambda: trainer.current_epoch) if trainer is not None else None,
             )
             if train:
