@@ -106,7 +106,7 @@ class CIFARClassifier(L.LightningModule):
 
     # ------------------------------------------------------------------ steps
 
-    def _step(self, batch, stage: str) -> torch.Tensor:
+    def _step(self, batch, stage: str) -> torch.Tensor | dict[str, torch.Tensor]:
         x, y = batch
         logits = self(x) if stage == "train" else self.evaluate(x)
         smoothing = self.hparams.label_smoothing if stage == "train" else 0.0
@@ -120,7 +120,8 @@ class CIFARClassifier(L.LightningModule):
             self.test_acc_per_class.update(logits, y)
         self.log(f"{stage}/loss", loss, sync_dist=True)
         self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=stage == "val")
-        return loss
+        # What callbacks read as `outputs` (the dashboard's predictions): the logits scored here.
+        return {"loss": loss, "logits": logits.detach()}  # (), (B, num_classes)
 
     def _log_train(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
         # Each self.log call costs 0.5-1 ms of Python (measured), every step: the training step
@@ -143,11 +144,11 @@ class CIFARClassifier(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._step(batch, "val")
+    def validation_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._step(batch, "val")
 
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._step(batch, "test")
+    def test_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._step(batch, "test")
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, list | tuple) else batch
