@@ -8,13 +8,16 @@ lit-cifar fit --ckpt_path last --data.data_dir DIR   # resume the newest run, in
 """
 
 import glob
+import logging
 import math
 import os
 import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
+import yaml
 from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, TQDMProgressBar
@@ -64,6 +67,34 @@ LAST_CHECKPOINT_DEFAULTS = {
 }
 
 
+# Settings a resumed run may take from the command line rather than from its saved config: where
+# and how it runs and what it reports (prefixes of dotted keys). Everything else (the model, the
+# data and its split, batch size, seed, the Trainer's training settings) changes what is trained,
+# and must be the run's own; trainer.max_epochs may grow.
+RESUME_MAY_CHANGE = (
+    "ckpt_path",
+    "trainer.accelerator",
+    "trainer.callbacks",
+    "trainer.logger",
+    "trainer.default_root_dir",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.log_every_n_steps",
+    "trainer.num_sanity_val_steps",
+    "trainer.profiler",
+    "trainer.plugins",
+    "data.data_dir",
+    "data.download",
+    "data.num_workers",
+    "data.pin_memory",
+    "data.predict_dir",
+    "checkpoint",
+    "last_checkpoint",
+    "lr_monitor",
+    "divergence_guard",
+    "dashboard",
+    "prediction",
+)
 POSITIVE_TRAINER_SETTINGS = (
     "log_every_n_steps",
     "accumulate_grad_batches",
@@ -76,10 +107,41 @@ POSITIVE_TRAINER_SETTINGS = (
 PROGRESS_BAR_REFRESH_RATE = 20
 
 
+def quiet_upstream_notices() -> None:
+    """Silence, by exact message, what upstream prints on every normal run and a newcomer reads
+    as an error. The one place such notices are filtered; anything else still shows."""
+    # torch.utils.tensorboard's add_graph (TensorBoard's Graphs tab) still traces with torch.jit.
+    warnings.filterwarnings("ignore", r"`torch\.jit\.trace(_method)?` is deprecated", FutureWarning)
+    # Lightning's pytree helper on torch >= 2.10: Lightning-AI/pytorch-lightning#21326.
+    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+    # The "💡 Tip" adverts (litlogger, litmodels): Lightning has no setting for them.
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoTips) for f in log.filters):
+        log.addFilter(_NoTips())
+
+
+class _NoTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def print_summary(trainer, metric: str, value: float | None) -> None:
+    """The line a training run ends with (scripts/train.py and `lit-cifar fit`): accuracy, best
+    checkpoint, log folder."""
+    if not trainer.is_global_zero:
+        return
+    value = float(value) if value is not None else math.nan
+    acc = f"{metric} {value:.4f}" if math.isfinite(value) else f"{metric} not measured"
+    ckpt = trainer.checkpoint_callback
+    best = (ckpt.best_model_path if ckpt else "") or "(none saved)"
+    print(f"{acc} | best checkpoint: {best} | logs: {trainer.log_dir or '(none written)'}")
+
+
 class LitCifarCLI(LightningCLI):
     def __init__(self, *args, resume: str | None = None, **kwargs) -> None:
         """`resume` (for run=False, as scripts/train.py does): a checkpoint to continue from, or
         "last": the newest run's. `self.ckpt_path` is then the file to give `trainer.fit`."""
+        quiet_upstream_notices()
         self.resume, self.ckpt_path, self._ckpt = resume, None, None
         kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
         kwargs.setdefault("seed_everything_default", SEED)
@@ -90,8 +152,10 @@ class LitCifarCLI(LightningCLI):
         return super().init_parser(**{**kwargs, "exit_on_error": False})
 
     def parse_arguments(self, parser, args) -> None:
+        # As LightningCLI.parse_arguments, without its warning that `args` and sys.argv were both
+        # given: scripts/train.py passes args translated from its own sys.argv.
         try:
-            super().parse_arguments(parser, args)
+            self.config = parser.parse_args(args)
         except ArgumentError as err:
             words = sys.argv[1:] if args is None else [str(a) for a in args]
             command = " ".join([parser.prog, *[w for w in words if w in self.subcommands()][:1]])
@@ -103,14 +167,69 @@ class LitCifarCLI(LightningCLI):
         path = config.get("ckpt_path") if subcommand else self.resume
         if not path or path in ("best", "hpc", "registry") or path.startswith("registry:"):
             return  # nothing to load, or Lightning's own lookups
-        resuming = path == "last" and subcommand in (None, "fit")
         self.ckpt_path = self._find_last(config) if path == "last" else str(path)
         self._ckpt = load_checkpoint(self.ckpt_path)
         check_hparams(self._ckpt, CIFARClassifier, self.ckpt_path)
+        if subcommand in (None, "fit"):  # fitting from a checkpoint continues that run
+            self._as_trained(parser, args)
+            config = self.config[subcommand] if subcommand else self.config
         if subcommand:
             config.ckpt_path = self.ckpt_path
-        if resuming:
+        if path == "last" and subcommand in (None, "fit"):
             self._continue_run(config, Path(self.ckpt_path), self._ckpt.get("global_step", 0))
+
+    def _as_trained(self, parser, args) -> None:
+        """Parse again over the run's saved settings, so that what is given now overrides them; refuse
+        what would change what is trained (all but RESUME_MAY_CHANGE), allow more epochs."""
+        saved = self._saved_config(Path(self.ckpt_path))
+        if saved is None or isinstance(args, dict):  # no saved settings: check_fits judges the weights
+            return
+        subcommand = self.config.get("subcommand")
+        args = list(sys.argv[1:] if args is None else args)
+        at = args.index(subcommand) + 1 if subcommand else 0
+        self.config = parser.parse_args([*args[:at], f"--config={yaml.safe_dump(saved)}", *args[at:]])
+        sub_parser = self._parser(subcommand)
+        config = self.config[subcommand] if subcommand else self.config
+        now = _flat(yaml.safe_load(sub_parser.dump(config, skip_none=False)))
+        was = _flat(saved)
+        changed = [
+            key
+            for key in was
+            if key in now
+            and now[key] != was[key]
+            and not any(key == p or key.startswith(p + ".") for p in RESUME_MAY_CHANGE)
+        ]
+        epochs = "trainer.max_epochs"
+        if epochs in changed and _more_epochs(was[epochs], now[epochs]):
+            changed.remove(epochs)
+            print(f"training extended: max_epochs {was[epochs]} -> {now[epochs]}", file=sys.stderr)
+        if changed:
+            raise UserError(
+                f"{self.ckpt_path} continues a run trained with other settings than given now; a resumed "
+                f"run keeps its own (drop these, or start a new run to change them):\n"
+                + "\n".join(f"  --{key}: {was[key]!r} in the run, {now[key]!r} given" for key in changed)
+            )
+
+    def _saved_config(self, ckpt_path: Path) -> dict | None:
+        """The settings the run was trained with: its config.yaml (SaveConfigCallback's), else the
+        model's and the data's hyperparameters in the checkpoint; only keys this CLI knows."""
+        run_config = ckpt_path.parent.parent / "config.yaml"
+        if ckpt_path.parent.name == "checkpoints" and run_config.is_file():
+            saved = yaml.safe_load(run_config.read_text()) or {}
+        else:
+            saved = {
+                "model": self._ckpt.get("hyper_parameters") or {},
+                "data": self._ckpt.get("datamodule_hyper_parameters") or {},
+            }
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        known = _flat(yaml.safe_load(self._parser(subcommand).dump(config, skip_none=False)))
+        saved = {k: v for k, v in saved.items() if k in known or any(n.startswith(k + ".") for n in known)}
+        for section in ("model", "data"):  # link targets (num_classes, class_names) and old settings out
+            if isinstance(saved.get(section), dict):
+                saved[section] = {k: v for k, v in saved[section].items() if f"{section}.{k}" in known}
+        saved.pop("ckpt_path", None)
+        return saved if any(saved.values()) else None
 
     @staticmethod
     def _find_last(config) -> str:
@@ -133,7 +252,7 @@ class LitCifarCLI(LightningCLI):
         found = [Path(p) for p in glob.glob(pattern)]
         if not found:
             raise UserError(
-                f"nothing to resume: no {pattern}. Start a new run (without --ckpt_path last / --resume), "
+                f"nothing to resume: no {pattern}. Start a new run (without --ckpt_path last), "
                 f"or run from the folder (or with the --trainer.default_root_dir) of the run to continue."
             )
         last = max(found, key=lambda p: p.stat().st_mtime)
@@ -141,7 +260,7 @@ class LitCifarCLI(LightningCLI):
         return str(last)
 
     def _continue_run(self, config, last: Path, global_step: int) -> None:
-        """Log into the run's own folder: its version, its config.yaml rewritten, not a new run."""
+        """Log into the run's own folder, its version (not a new run), leaving its config.yaml as it is."""
         init = getattr(config.trainer.logger, "init_args", None)
         if init is None or config.checkpoint.dirpath or last.parent.name != "checkpoints":
             return  # checkpoints placed by the user: the logs go to a new version as usual
@@ -149,8 +268,11 @@ class LitCifarCLI(LightningCLI):
         num = run.removeprefix("version_")
         init.version = int(num) if run.startswith("version_") and num.isdigit() else run
         if "purge_step" in vars(init) and init.purge_step is None:
-            init.purge_step = int(global_step) + 1  # TensorBoard hides what was logged after the checkpoint
-        self.save_config_kwargs = {**self.save_config_kwargs, "overwrite": True}
+            # TensorBoard hides what the killed run logged after the checkpoint: the resumed run logs
+            # again from step global_step on (the learning rate of the next batch first; the loss of
+            # the checkpoint's own step was logged at global_step - 1)
+            init.purge_step = int(global_step)
+        self.save_config_callback = None  # the run's config.yaml stays as the run wrote it
 
     def before_instantiate_classes(self) -> None:
         # The default logger writes under --trainer.default_root_dir when one is given.
@@ -201,9 +323,13 @@ class LitCifarCLI(LightningCLI):
         ):  # unless the user turned the bar off or brought their own
             kwargs["callbacks"] = [*callbacks, TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_RATE)]
         try:
-            return super().instantiate_trainer(**kwargs)
+            trainer = super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError) as err:  # a bad --trainer.* setting
             raise UserError(f"{err} (see `lit-cifar fit --help` for the --trainer settings)") from None
+        if trainer.fast_dev_run:  # a check writes no checkpoint: ModelCheckpoint.on_train_end saves
+            for callback in trainer.checkpoint_callbacks:  # last.ckpt even then (Lightning PR #20960)
+                callback.save_last = False
+        return trainer
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
@@ -213,6 +339,14 @@ class LitCifarCLI(LightningCLI):
             self._claim_run_folders()
         if self.subcommand == "predict":  # its classes and net come from the checkpoint, not the data
             self.model = load_model(self.config.predict.ckpt_path)[0]
+
+    def after_fit(self) -> None:
+        ckpt = self.trainer.checkpoint_callback  # the first ModelCheckpoint: the monitored one
+        metric = getattr(ckpt, "monitor", None) or "val/acc"
+        best = getattr(ckpt, "best_model_score", None)
+        print_summary(
+            self.trainer, metric, best if best is not None else self.trainer.callback_metrics.get(metric)
+        )
 
     def _claim_run_folders(self) -> None:
         """Refuse to write into another run's folders; have a failed start leave no folder behind."""
@@ -233,13 +367,13 @@ class LitCifarCLI(LightningCLI):
                 if folder.resolve() != resumed and any(folder.glob("*.ckpt")):
                     raise UserError(
                         f"{folder} holds another run's checkpoints ({', '.join(p.name for p in folder.glob('*.ckpt'))}): "
-                        f"this run would overwrite them. Continue that run with --ckpt_path last (lit-cifar fit) "
-                        f"or --resume (scripts/train.py), or give this one its own {folders[folder]}."
+                        f"this run would overwrite them. Continue that run with --ckpt_path last, or give this "
+                        f"one its own {folders[folder]}."
                     )
         earlier = [
             p.name for p in (log_dir / "config.yaml", *log_dir.glob("events.out.tfevents.*")) if p.exists()
         ]
-        if earlier and not self.save_config_kwargs.get("overwrite"):
+        if earlier and not (resumed and resumed.is_relative_to(log_dir.resolve())):  # not its own run
             raise UserError(
                 f"{log_dir} holds another run's logs ({', '.join(earlier[:3])}): this run would mix its logs "
                 f"in. Give it another folder (the logger's version, or --trainer.default_root_dir)."
@@ -280,6 +414,22 @@ def _parse_error(err: ArgumentError) -> str:
         return text
     types = ", ".join(t for t in dict.fromkeys(re.findall(r"<class '(\w+)'>", text)) if t != "NoneType")
     return f"{found.group(1)}: {f'expected {types}, ' if types else ''}got {found.group(2)!r}, not an accepted value"
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists and other values stay whole."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _more_epochs(was, now) -> bool:
+    """Whether max_epochs `now` trains longer than `was` (-1: no limit)."""
+    return was is not None and was != -1 and (now == -1 or (now is not None and now > was))
 
 
 def main(args: list[str] | None = None) -> None:

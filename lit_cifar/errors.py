@@ -76,8 +76,9 @@ def on_failure(undo: Callable[[], None]) -> None:
 
 
 @contextmanager
-def boundary() -> Iterator[None]:
-    """Expected failures -> `error: ...` on stderr and a non-zero exit; bugs keep their traceback."""
+def boundary(rewrite: Callable[[str], str] = str) -> Iterator[None]:
+    """Expected failures -> `error: ...` on stderr and a non-zero exit; bugs keep their traceback.
+    `rewrite` adapts the message to the command (scripts/train.py names its own flags)."""
     try:
         yield
     except BaseException as err:
@@ -91,6 +92,7 @@ def boundary() -> Iterator[None]:
             raise
         if isinstance(err, SystemExit) and not signal_name:
             raise  # sys.exit("error: ..."): already the line
+        message = rewrite(message)
         if signal_name == "SIGINT":
             print(f"error: {message}", file=sys.stderr)
             raise SystemExit(INTERRUPTED_EXIT) from None
@@ -113,9 +115,9 @@ def describe(err: BaseException) -> str | None:
     """The one line for an expected failure; None for a bug (then the traceback is shown)."""
     if _interrupted(err):
         return (
-            f"stopped by {_interrupted(err)} before the run finished. A training run continues with the "
-            f"same command plus --ckpt_path last (lit-cifar fit) or --resume (scripts/train.py): the steps "
-            f"since its last checkpoint (at most --last_checkpoint.every_n_train_steps) are trained again."
+            f"stopped by {_interrupted(err)} before the run finished. Continue it with the same command plus "
+            f"--ckpt_path last: the steps since its last checkpoint (at most "
+            f"--last_checkpoint.every_n_train_steps) are trained again."
         )
     if isinstance(err, SystemExit):
         return str(err.code)

@@ -168,12 +168,6 @@ def test_a_bad_command_line_is_one_line_and_a_pointer_to_help(capsys, args, word
     assert all(w in line for w in words), line
 
 
-def test_train_script_bad_flag_is_one_line_naming_its_own_help(capsys, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["train.py"])
-    line = fails(capsys, run_script, "train", "--max-epochs", "x")
-    assert "--max-epochs" in line and "train.py --help" in line
-
-
 def test_train_script_val_size_1_0_is_ambiguous_and_1_is_one_image(image_folder, capsys):
     line = fails(capsys, run_script, "train", f"--data-dir={image_folder}", "--val-size=1.0")
     assert "ambiguous" in line
