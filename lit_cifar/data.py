@@ -8,7 +8,6 @@ The standard path (`fast=False`): a DataLoader with per-sample crop/flip in work
 """
 
 import math
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -95,7 +94,7 @@ class CIFARDataModule(L.LightningDataModule):
         if self._classes is not None:
             return self._classes
         if sources.is_image_folder(self.hparams.data_dir):
-            return sources.folder_classes(Path(self.hparams.data_dir) / "train")
+            return sources.folder_classes(self.hparams.data_dir)
         if self.hparams.dataset == "cifar10":
             return CIFAR10_CLASSES
         return sources.CIFAR100_CLASSES  # the files' own names replace these in setup()
@@ -110,7 +109,7 @@ class CIFARDataModule(L.LightningDataModule):
 
     @property
     def has_test(self) -> bool:
-        return self.data.get("test") is not None
+        return sources.has_test(self.hparams.data_dir)
 
     # ------------------------------------------------------------------ Lightning hooks
 
@@ -118,23 +117,27 @@ class CIFARDataModule(L.LightningDataModule):
         if self.trainer is not None and self.trainer.predicting:
             return  # prediction reads only its own images
         hp = self.hparams
-        n = sources.prepare(hp.data_dir, hp.dataset, hp.download, hp.checksums)
-        split_indices(n, hp.val_size, hp.split_seed)  # a bad val_size fails here, before any log is written
+        split = "test" if self.trainer is not None and self.trainer.state.fn == "test" else "train"
+        n = sources.prepare(hp.data_dir, hp.dataset, hp.download, hp.checksums, split)
+        if split == "train":
+            split_indices(
+                n, hp.val_size, hp.split_seed
+            )  # a bad val_size fails here, before any log is written
 
     def setup(self, stage: str) -> None:
-        if self.data or stage == "predict":
+        # Only the split this stage reads is decoded: testing never touches train/ (val is cut from train).
+        split = "test" if stage == "test" else "train"
+        if stage == "predict" or split in self.data:
             return
-        loaded = sources.load(self.hparams.data_dir, self.hparams.dataset, self.hparams.checksums)
+        hp = self.hparams
+        loaded = sources.load(hp.data_dir, hp.dataset, hp.checksums, splits=(split,))
         self._classes = loaded["classes"]
-        train_idx, val_idx = split_indices(
-            len(loaded["train"][1]), self.hparams.val_size, self.hparams.split_seed
-        )
+        if split == "test":
+            self.data["test"] = loaded["test"]
+            return
         x, y = loaded["train"]
-        self.data = {
-            "train": (x[train_idx], y[train_idx]),
-            "val": (x[val_idx], y[val_idx]),
-            "test": loaded["test"],
-        }
+        train_idx, val_idx = split_indices(len(y), hp.val_size, hp.split_seed)
+        self.data.update(train=(x[train_idx], y[train_idx]), val=(x[val_idx], y[val_idx]))
 
     # The training loader's place is kept with the DataModule's state too: Lightning restores that
     # before anything builds a loader. (It restores a loader's own state only when it builds the
@@ -153,7 +156,7 @@ class CIFARDataModule(L.LightningDataModule):
         return self._loader("val", shuffle=False)
 
     def test_dataloader(self):
-        if not self.has_test:
+        if self.data.get("test") is None:
             raise UserError(
                 f"{self.hparams.data_dir} has no test split: add test/<class>/ images (or use the "
                 f"CIFAR pickles, which include one), or run `validate` instead."
