@@ -110,6 +110,10 @@ def _misplaced_images(root: Path) -> None:
     """Refuse a folder of images laid out wrongly, which would otherwise be taken for "no data"."""
     if not root.is_dir():
         return
+    if root.name in SPLITS and is_image_folder(root.parent):
+        raise UserError(
+            f"{root} is the {root.name}/ folder of an image folder: point data_dir at {root.parent}."
+        )
     for sub in _visible(root):
         if (sub / "train").is_dir() or (sub / "test").is_dir():
             raise UserError(

@@ -4,7 +4,9 @@ python -m pytest tests/test_data.py -q
 """
 
 import contextlib
+import functools
 import hashlib
+import io
 import os
 import pickle
 import re
@@ -263,7 +265,7 @@ def bad_not_32x32(tmp):
     for name in ("cat/0002.png", "cat/0005.png", "dog/0000.png", "ship/0007.png"):
         Image.new("RGB", (40, 30)).save(root / "train" / name)
     return [f"--data.data_dir={root}"], [
-        "4 image(s)",
+        "4 file(s)",
         f"{root / 'train/cat/0002.png'} (40x30), {root / 'train/cat/0005.png'} (40x30)",
         "(and 1 more)",
         "resize them to 32x32 first",
@@ -572,9 +574,17 @@ def test_only_regular_files_are_read(image_folder, kind):
             find_images(given)
 
 
+@functools.cache
+def huge_png() -> bytes:
+    """A 20000x20000 PNG of 48 KB: 400 megapixels, 1.2 GB once decoded to RGB."""
+    buffer = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def test_image_size_is_checked_from_the_header_before_decoding(image_folder, monkeypatch):
     huge = image_folder / "train" / "cat" / "huge.png"
-    Image.new("1", (20000, 20000)).save(huge)  # 400 megapixels in a 50 KB file
+    huge.write_bytes(huge_png())
     big = image_folder / "train" / "dog" / "big.png"
     Image.new("RGB", (3000, 2000)).save(big)
     real_load = ImageFile.ImageFile.load
@@ -595,7 +605,7 @@ def test_image_size_is_checked_from_the_header_before_decoding(image_folder, mon
 
 def test_prediction_refuses_images_too_big_to_decode_safely(tmp_path):
     huge = tmp_path / "huge.png"
-    Image.new("1", (20000, 20000)).save(huge)
+    huge.write_bytes(huge_png())
     with pytest.raises(sources.BadFile) as err:
         read_image(huge)
     assert err.value.what == "are too big to decode safely"
@@ -766,3 +776,167 @@ def test_cli_test_on_a_folder_with_only_test(tmp_path, monkeypatch):
     [result] = cli.trainer.test(cli.model, datamodule=cli.datamodule)
     assert 0 <= result["test/acc"] <= 1 and len(seen) == 9
     assert not cli.datamodule.data.get("train")
+
+
+# ---------------------------------------------------------------------------- bad data, end to end (in-process)
+# Each case: (arguments after `lit-cifar`, what the one error line must say). docs/reliability.md "Bad data".
+
+
+def _entry_case(kind: str):
+    def case(tmp):
+        root = _image_folder(tmp)
+        make_entry(kind, root / "train" / "cat" / "x.jpg")
+        return ["fit", f"--data.data_dir={root}"], [
+            f"{root / 'train' / 'cat' / 'x.jpg'} ({NOT_REGULAR[kind]})",
+            "are not regular files",
+            "Replace each with a regular PNG/JPEG file, or move it out.",
+        ]
+
+    case.__name__ = f"hostile_{kind}"
+    return case
+
+
+hostile_named_pipe = _entry_case("named_pipe")
+hostile_socket = _entry_case("socket")
+hostile_device = _entry_case("device")
+hostile_broken_link = _entry_case("broken_link")
+hostile_link_loop = _entry_case("link_loop")
+hostile_folder_in_class_folder = _entry_case("folder")
+
+
+def hostile_file_among_class_folders(tmp):
+    root = _image_folder(tmp)
+    Image.new("RGB", (32, 32)).save(root / "train" / "stray.png")
+    return ["fit", f"--data.data_dir={root}"], [
+        f"{root / 'train'} must hold only class folders, but holds {root / 'train' / 'stray.png'} (a file)",
+        "move images into a class folder",
+    ]
+
+
+def hostile_train_is_a_file(tmp):
+    (tmp / "images").mkdir()
+    (tmp / "images" / "train").write_text("not a folder")
+    return ["fit", f"--data.data_dir={tmp / 'images'}"], [
+        f"{tmp / 'images' / 'train'} is a file: make it a folder of class folders"
+    ]
+
+
+def hostile_one_class(tmp):
+    root = _image_folder(tmp)
+    shutil.rmtree(root / "train" / "dog")
+    shutil.rmtree(root / "train" / "ship")
+    return ["fit", f"--data.data_dir={root}"], [
+        f"{root / 'train'} holds 1 class folder(s) ['cat']: a classifier needs at least two"
+    ]
+
+
+def hostile_zero_byte_file(tmp):
+    root = _image_folder(tmp)
+    (root / "train" / "dog" / "0001.png").write_bytes(b"")
+    return ["fit", f"--data.data_dir={root}"], [
+        f"{root / 'train' / 'dog' / '0001.png'} (empty: 0 bytes)",
+        "corrupt or truncated",
+    ]
+
+
+def hostile_truncated_jpeg(tmp):
+    root = _image_folder(tmp)
+    jpeg = root / "train" / "dog" / "0001.jpg"
+    (root / "train" / "dog" / "0001.png").unlink()
+    sample_image("RGB").save(jpeg, quality=95)
+    jpeg.write_bytes(jpeg.read_bytes()[:-300])
+    return ["fit", f"--data.data_dir={root}"], [f"{jpeg} (image file is truncated", "corrupt or truncated"]
+
+
+def hostile_huge_png(tmp):
+    root = _image_folder(tmp)
+    (root / "train" / "cat" / "huge.png").write_bytes(huge_png())
+    return ["fit", f"--data.data_dir={root}"], [
+        f"are not 32x32: {root / 'train' / 'cat' / 'huge.png'} (over 89,478,485 pixels)"
+    ]
+
+
+def hostile_float_pixels(tmp):
+    root = _image_folder(tmp)
+    Image.new("F", (32, 32), 0.5).save(root / "train" / "cat" / "float.png", format="TIFF")
+    return ["fit", f"--data.data_dir={root}"], [
+        f"does not convert: {root / 'train' / 'cat' / 'float.png'} (mode F)"
+    ]
+
+
+def hostile_fit_on_a_test_only_folder(tmp):
+    root = write_image_folder(tmp / "images", per_class=0, test_per_class=2)
+    return ["fit", f"--data.data_dir={root}"], [f"{root} has no train/ folder", "run `lit-cifar test`"]
+
+
+def hostile_test_without_test_folder(tmp):
+    root = _image_folder(tmp)
+    return ["test", f"--data.data_dir={root}"], [f"{root} has no test/ folder", "run `validate`"]
+
+
+def hostile_data_dir_one_level_too_high(tmp):
+    _image_folder(tmp)
+    return ["fit", f"--data.data_dir={tmp}"], [f"{tmp / 'images'} holds an image folder: point data_dir at"]
+
+
+def hostile_data_dir_is_the_train_folder(tmp):
+    root = _image_folder(tmp)
+    return ["fit", f"--data.data_dir={root / 'train'}"], [
+        f"{root / 'train'} is the train/ folder of an image folder: point data_dir at {root}."
+    ]
+
+
+def hostile_class_folders_without_train(tmp):
+    root = _image_folder(tmp)
+    (root / "train").rename(tmp / "classes")
+    root.rmdir()
+    return ["fit", f"--data.data_dir={tmp / 'classes'}"], [
+        f"{tmp / 'classes'} holds folders of images (cat/) but no train/ or test/ folder",
+        f"move the class folders into {tmp / 'classes' / 'train'}",
+    ]
+
+
+HOSTILE = [v for k, v in dict(globals()).items() if k.startswith("hostile_")]
+
+
+def refusal(args: list[str]) -> str:
+    """The error line for `lit-cifar *args`, found as the CLI finds it, without starting a Trainer."""
+    command, data_dir = args[0], args[1].removeprefix("--data.data_dir=")
+    with pytest.raises(UserError) as err:
+        assert CIFARDataModule(data_dir).classes  # read first by the CLI, to size the model
+        sources.prepare(data_dir, split="test" if command == "test" else "train")  # then prepare_data()
+    return f"error: {err.value}"
+
+
+@pytest.mark.parametrize("case", HOSTILE, ids=[c.__name__[8:] for c in HOSTILE])
+def test_bad_data_one_line_nothing_written(tmp_path, case):
+    args, expected = case(tmp_path)
+    before = snapshot(tmp_path)
+    message = refusal(args)
+    assert "\n" not in message, message
+    for text in expected:
+        assert text in message, f"{text!r} not in:\n{message}"
+    assert snapshot(tmp_path) == before  # no cache, no extracted folder, no temporary file
+
+
+@pytest.mark.parametrize(
+    "case",
+    [hostile_named_pipe, hostile_one_class, hostile_test_without_test_folder],
+    ids=lambda c: c.__name__[8:],
+)
+def test_bad_data_through_the_cli(tmp_path, capsys, case):
+    args, _ = case(tmp_path)
+    expected = refusal(args)
+    before = snapshot(tmp_path)
+    with pytest.raises(SystemExit) as exit_:  # the named pipe: never opened, so no hang
+        main([*args, "--trainer.accelerator=cpu", "--trainer.max_epochs=1"])
+    assert exit_.value.code == expected
+    assert "Traceback" not in capsys.readouterr().err
+    assert snapshot(tmp_path) == before  # nor lightning_logs, checkpoints or config.yaml
+
+
+def test_docs_have_one_bad_data_row_per_case():
+    text = (REPO / "docs/reliability.md").read_text()
+    section = text[text.index("## Bad data") :]
+    rows = re.findall(r"test_bad_data_one_line_nothing_written\[(\w+)\]", section)
+    assert sorted(rows) == sorted(case.__name__[8:] for case in HOSTILE)
