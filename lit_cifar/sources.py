@@ -174,15 +174,7 @@ SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", *SIXTEEN_BIT)
 # Decoded by torchvision (libjpeg-turbo/libpng, about 2x faster than PIL: docs/data.md) at 32x32 (all
 # that training reads); every other file by PIL. Both give the same pixels (tests/test_data.py).
-FAST = {
-    ("JPEG", "L"),
-    ("JPEG", "RGB"),
-    ("PNG", "L"),
-    ("PNG", "LA"),
-    ("PNG", "P"),
-    ("PNG", "RGB"),
-    ("PNG", "RGBA"),
-}
+FAST = {("JPEG", m) for m in ("L", "RGB")} | {("PNG", m) for m in ("L", "LA", "P", "RGB", "RGBA")}
 
 
 def open_image(path: str | Path, size: tuple[int, int] | None = None) -> Image.Image:
@@ -542,7 +534,8 @@ def _batches_key(root: Path, dataset: str, checksums: dict[str, str], split: str
     if not folder.is_dir():
         raise UserError(f"no {dataset} data in {root}.\n" + _supply_by_hand(root, dataset))
     names = [*_batch_names(dataset, split), tv.meta["filename"]]
-    for name in names:
+    # Every file is verified, whichever split is read: a damaged test_batch stops `fit` before it starts.
+    for name in [*_batch_names(dataset, "train"), *_batch_names(dataset, "test"), tv.meta["filename"]]:
         path = folder / name
         if not path.is_file():
             raise UserError(f"{path} is missing: copy the whole {tv.base_folder}/ folder again.")
