@@ -117,12 +117,14 @@ class CIFARDataModule(L.LightningDataModule):
         if self.trainer is not None and self.trainer.predicting:
             return  # prediction reads only its own images
         hp = self.hparams
-        split = "test" if self.trainer is not None and self.trainer.state.fn == "test" else "train"
-        n = sources.prepare(hp.data_dir, hp.dataset, hp.download, hp.checksums, split)
-        if split == "train":
-            split_indices(
-                n, hp.val_size, hp.split_seed
-            )  # a bad val_size fails here, before any log is written
+        # validate and test read only their own split. fit checks (and caches) the test split too, so
+        # a run that tests after training (scripts/train.py) cannot fail on its data at the end.
+        stage = self.trainer.state.fn if self.trainer is not None else "fit"
+        fit_splits = ["train", "test"] if sources.has_test(hp.data_dir) else ["train"]
+        for split in {"validate": ["train"], "test": ["test"]}.get(stage, fit_splits):
+            n = sources.prepare(hp.data_dir, hp.dataset, hp.download, hp.checksums, split)
+            if split == "train":  # a bad val_size fails here, before any log is written
+                split_indices(n, hp.val_size, hp.split_seed)
 
     def setup(self, stage: str) -> None:
         # Only the split this stage reads is decoded: testing never touches train/ (val is cut from train).

@@ -768,6 +768,12 @@ def test_test_and_validate_decode_only_their_split(image_folder, monkeypatch):
     ]
 
 
+def test_fit_checks_the_test_split_before_training(image_folder):
+    (image_folder / "test" / "ship" / "0002.png").write_bytes(b"")
+    with pytest.raises(UserError, match=re.escape(f"{image_folder / 'test' / 'ship' / '0002.png'} (empty")):
+        CIFARDataModule(str(image_folder)).prepare_data()  # what `fit` runs before any training step
+
+
 def test_cli_test_on_a_folder_with_only_test(tmp_path, monkeypatch):
     root = write_image_folder(tmp_path / "only-test", per_class=0, test_per_class=3)
     seen = decoded_files(monkeypatch)
