@@ -788,7 +788,7 @@ def test_cli_test_on_a_folder_with_only_test(tmp_path, monkeypatch):
 # Each case: (arguments after `lit-cifar`, what the one error line must say). docs/reliability.md "Bad data".
 
 
-def _entry_case(kind: str):
+def _entry_case(kind: str, name: str = ""):
     def case(tmp):
         root = _image_folder(tmp)
         make_entry(kind, root / "train" / "cat" / "x.jpg")
@@ -798,7 +798,7 @@ def _entry_case(kind: str):
             "Replace each with a regular PNG/JPEG file, or move it out.",
         ]
 
-    case.__name__ = f"hostile_{kind}"
+    case.__name__ = f"hostile_{name or kind}"
     return case
 
 
@@ -807,7 +807,7 @@ hostile_socket = _entry_case("socket")
 hostile_device = _entry_case("device")
 hostile_broken_link = _entry_case("broken_link")
 hostile_link_loop = _entry_case("link_loop")
-hostile_folder_in_class_folder = _entry_case("folder")
+hostile_folder_in_class_folder = _entry_case("folder", "folder_in_class_folder")
 
 
 def hostile_file_among_class_folders(tmp):
