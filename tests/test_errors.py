@@ -281,7 +281,7 @@ def test_a_failed_test_command_leaves_no_run_folder(tmp_path, capsys):
     data = write_image_folder(tmp_path / "notest", test_per_class=0)
     make_ckpt(Path("m.ckpt"))
     line = cli(capsys, "test", f"--data.data_dir={data}", "--ckpt_path=m.ckpt", *TINY)
-    assert "has no test split" in line
+    assert "has no test/ folder" in line
     nothing_written()
 
 
