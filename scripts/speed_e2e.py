@@ -41,7 +41,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     compare = modes.add_parser("compare", help="the seed's loop against lit-cifar fit, in processes")
     compare.add_argument("--data-dir", required=True)
     compare.add_argument("--rounds", type=int, default=3)
-    compare.add_argument("--steps", type=int, nargs=2, default=[50, 450], metavar=("SHORT", "LONG"))
+    compare.add_argument("--steps", type=int, nargs=2, default=[50, 400], metavar=("SHORT", "LONG"))
     compare.add_argument("--out", help="also write the wall times and results as JSON to this file")
     until = modes.add_parser("until", help="one fit run: seconds of training until val/acc >= TARGET")
     until.add_argument("target", type=float, help="val/acc to reach, e.g. 0.665")
