@@ -29,6 +29,7 @@ import torch
 from lightning.pytorch import Callback
 
 from lit_cifar.cli import LitCifarCLI
+from lit_cifar.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -198,7 +199,10 @@ def until(args: argparse.Namespace) -> dict:
 
 
 def main(args: argparse.Namespace) -> None:
-    result = compare(args) if args.mode == "compare" else until(args)
+    try:
+        result = compare(args) if args.mode == "compare" else until(args)
+    except UserError as err:
+        sys.exit(f"error: {err}")
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), **result}, indent=1))
 
