@@ -47,7 +47,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     until = modes.add_parser("until", help="one fit run: seconds of training until val/acc >= TARGET")
     until.add_argument("target", type=float, help="val/acc to reach, e.g. 0.665")
     until.add_argument("--out", help="also write the per-epoch times and accuracies as JSON to this file")
-    until.add_argument("fit_args", nargs=argparse.REMAINDER, help="-- then `lit-cifar fit` arguments")
+    until.epilog = "After `--`: the `lit-cifar fit` arguments of the run (without `fit`)."
     return parser
 
 
@@ -170,7 +170,7 @@ class EpochTimes(Callback):
 
 
 def until(args: argparse.Namespace) -> dict:
-    fit_args = args.fit_args[1:] if args.fit_args[:1] == ["--"] else args.fit_args
+    fit_args = args.fit_args
     cli = LitCifarCLI(args=fit_args, run=False)
     epochs = EpochTimes()
     cli.trainer.callbacks.append(epochs)
@@ -208,4 +208,8 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)  # after it: the fit arguments of `until`
+    args = get_args_parser().parse_args(argv[:cut])
+    args.fit_args = argv[cut + 1 :]
+    main(args)
