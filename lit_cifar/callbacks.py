@@ -3,8 +3,11 @@
 The CLI adds it as `--dashboard.*` (see `lit-cifar fit --help`); e.g. `--dashboard.feature_maps false`.
 In plain Lightning: `Trainer(callbacks=[TensorBoardDashboard()], logger=TensorBoardLogger(".", log_graph=True))`.
 
-Tags it writes (with a TensorBoardLogger; without one it does nothing):
-  val/inputs                    a fixed batch of validation images: true label, predicted label
+Its predictions are those the evaluation steps scored (`validation_step`/`test_step` return
+{"logits": ...}, read here as `outputs`), so with test-time augmentation too its pictures agree
+with val/acc and test/acc. Tags it writes (with a TensorBoardLogger; without one it does nothing):
+  val/inputs                    the first validation images (whose order deals out the classes):
+                                true label, predicted label
   val/feature_maps/<i>_<layer>  the output of each conv and pooling layer of the net for those
                                 images: one row per image, one tile per channel
   val/confusion_matrix          over the whole validation set, with per-class accuracy
@@ -27,7 +30,6 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.tensorboard.summary import hparams as hparams_summary
-from torchmetrics.classification import MulticlassConfusionMatrix
 from torchvision.utils import make_grid
 
 from lit_cifar.errors import UserError
@@ -57,7 +59,7 @@ class TensorBoardDashboard(Callback):
             confusion_matrix: the confusion matrix over the validation (and test) set, per epoch.
             misclassified: at test time, a grid of misclassified test images.
             hparams: the HParams tab: this run's hyperparameters with metrics val/acc_best, test/acc.
-            num_images: how many validation images make the fixed batch (spread over the split).
+            num_images: how many validation images make the fixed batch (the first ones).
             max_channels: feature-map channels shown per layer (the first ones).
             feature_map_images: rows of the feature-map grids: the first images of the fixed ones.
             num_misclassified: misclassified test images shown.
@@ -71,17 +73,14 @@ class TensorBoardDashboard(Callback):
         self.misclassified, self.hparams = misclassified, hparams
         self.num_images, self.max_channels = num_images, max_channels
         self.feature_map_images, self.num_misclassified = feature_map_images, num_misclassified
-        self._fixed: tuple[torch.Tensor, torch.Tensor] | None = None  # (N, 3, H, W) float, (N,) labels
         self._hparams_written: set[str] = set()
+        self.matrices: dict[str, torch.Tensor] = {}  # the last confusion matrix per stage: (C, C) counts
         self._reset()
 
     def _reset(self) -> None:
-        self._logits: torch.Tensor | None = None  # the module's last output, caught by a forward hook
-        self._hook = None
-        self._preds: list[torch.Tensor] = []  # (B,) per batch, kept on the device until the epoch ends
-        self._targets: list[torch.Tensor] = []
+        self._matrix: torch.Tensor | None = None  # (C * C,) counts, true * C + predicted, on the device
         self._wrong: tuple[torch.Tensor, ...] | None = None  # (x, y, pred, key), at most K rows
-        self._picked: list[tuple[torch.Tensor, torch.Tensor]] = []  # parts of the fixed batch
+        self._picked: list[tuple[torch.Tensor, ...]] = []  # (x, y, pred): the first validation images
 
     # ------------------------------------------------------------------ hooks
 
@@ -100,32 +99,39 @@ class TensorBoardDashboard(Callback):
             self._hparams_written.add(logger.log_dir)
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._start(trainer, pl_module, self.confusion_matrix)
+        self._reset()
 
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._start(trainer, pl_module, self.confusion_matrix or self.misclassified)
+        self._reset()
 
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:
-        x, y = batch[0], batch[1]
-        if self._fixed is None and dataloader_idx == 0 and not trainer.sanity_checking:
-            self._pick_fixed(x, y, batch_idx, trainer.num_val_batches[0])
-        self._collect(y)
+        if trainer.sanity_checking or _tensorboard(trainer) is None or (logits := _logits(outputs)) is None:
+            return
+        x, y, preds = batch[0], batch[1], logits.argmax(1)
+        self._count(y, preds, logits.shape[1])
+        picked = sum(len(p[1]) for p in self._picked)
+        if dataloader_idx == 0 and picked < self.num_images and (self.inputs or self.feature_maps):
+            k = self.num_images - picked
+            self._picked.append((x[:k].detach().clone(), y[:k], preds[:k]))
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._collect(batch[1])
-        if self.misclassified and self._logits is not None:
-            self._keep_wrong(batch[0], batch[1], self._logits.argmax(1), batch_idx)
+        if _tensorboard(trainer) is None or (logits := _logits(outputs)) is None:
+            return
+        preds = logits.argmax(1)
+        self._count(batch[1], preds, logits.shape[1])
+        if self.misclassified:
+            self._keep_wrong(batch[0], batch[1], preds, batch_idx)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         logger = _tensorboard(trainer)
         if logger is not None and not trainer.sanity_checking:
             if self.confusion_matrix:
                 self._log_confusion_matrix(trainer, pl_module, logger, "val")
-            if trainer.is_global_zero and self._fixed is not None and (self.inputs or self.feature_maps):
+            if trainer.is_global_zero and self._picked and (self.inputs or self.feature_maps):
                 self._log_fixed_batch(trainer, pl_module, logger)
-        self._stop()
+        self._reset()
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         logger = _tensorboard(trainer)
@@ -141,44 +147,20 @@ class TensorBoardDashboard(Callback):
                         images, y[wrong], pred[wrong], pl_module.class_names, "misclassified"
                     )
                     _add_png(logger, "test/misclassified", figure, trainer.global_step)
-        self._stop()
+        self._reset()
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._stop()
+        self._reset()
 
     # ------------------------------------------------------------------ collecting, without host syncs
 
-    def _start(self, trainer: Trainer, pl_module: LightningModule, catch_logits: bool) -> None:
-        self._stop()
-        if catch_logits and _tensorboard(trainer) is not None:
-            self._hook = pl_module.register_forward_hook(self._catch)
-
-    def _catch(self, module: nn.Module, args, output) -> None:
-        # Under DDP, Lightning runs validation_step/test_step through the module's __call__ too: that
-        # outer call's output (None here) comes after the real forward's and is not logits.
-        if isinstance(output, torch.Tensor) and output.ndim == 2:
-            self._logits = output.detach()  # (B, num_classes)
-
-    def _stop(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-        self._reset()
-
-    def _collect(self, y: torch.Tensor) -> None:
-        # Only device ops here: the confusion matrix is computed once, at the end of the epoch.
-        if self.confusion_matrix and self._logits is not None:
-            self._preds.append(self._logits.argmax(1))
-            self._targets.append(y)
-
-    def _pick_fixed(self, x: torch.Tensor, y: torch.Tensor, batch_idx: int, num_batches: float) -> None:
-        # The fixed images: the first ones of evenly spaced batches of the unshuffled validation split
-        # (so they span the classes when the files are sorted by class); the same ones every epoch.
-        num_batches = int(num_batches) if math.isfinite(num_batches) else 1
-        wanted = [i * num_batches // self.num_images for i in range(self.num_images)]  # a batch per image
-        if take := wanted.count(batch_idx):
-            self._picked.append((x[:take].detach().clone(), y[:take].clone()))
-        if batch_idx >= wanted[-1] and self._picked:
-            self._fixed = (torch.cat([p[0] for p in self._picked]), torch.cat([p[1] for p in self._picked]))
+    def _count(self, y: torch.Tensor, preds: torch.Tensor, c: int) -> None:
+        # An index-add on the device (torch.bincount on a GPU reads its input's max on the host).
+        if not self.confusion_matrix:
+            return
+        if self._matrix is None:
+            self._matrix = torch.zeros(c * c, dtype=torch.long, device=y.device)
+        self._matrix.index_add_(0, y * c + preds, torch.ones_like(y))
 
     def _keep_wrong(self, x: torch.Tensor, y: torch.Tensor, pred: torch.Tensor, batch_idx: int) -> None:
         # A running pick of K images in fixed shapes (no host sync per batch): the top K keys, where
@@ -195,11 +177,11 @@ class TensorBoardDashboard(Callback):
     # ------------------------------------------------------------------ pictures
 
     def _log_confusion_matrix(self, trainer, pl_module, logger: TensorBoardLogger, stage: str) -> None:
-        num_classes = pl_module.hparams.num_classes
-        metric = MulticlassConfusionMatrix(num_classes, validate_args=False).to(pl_module.device)
-        if self._preds:
-            metric.update(torch.cat(self._preds), torch.cat(self._targets))
-        matrix = metric.compute().cpu()  # (C, C): rows true, columns predicted; summed over ranks
+        c = pl_module.hparams.num_classes
+        counts = self._matrix if self._matrix is not None else torch.zeros(c * c, dtype=torch.long)
+        # (C, C): rows true, columns predicted; summed over the ranks (every rank takes part)
+        matrix = trainer.strategy.reduce(counts.to(pl_module.device), reduce_op="sum").view(c, c).cpu()
+        self.matrices[stage] = matrix
         if trainer.is_global_zero and matrix.sum() > 0:
             figure = _confusion_figure(matrix, pl_module.class_names, f"{stage}: step {trainer.global_step}")
             _add_png(logger, f"{stage}/confusion_matrix", figure, trainer.global_step)
@@ -208,19 +190,15 @@ class TensorBoardDashboard(Callback):
     def _log_fixed_batch(
         self, trainer: Trainer, pl_module: LightningModule, logger: TensorBoardLogger
     ) -> None:
-        x, y = self._fixed
-        maps, logits = (
-            layer_outputs(pl_module.net, x) if isinstance(pl_module.net, nn.Sequential) else ({}, None)
-        )
-        if logits is None:
-            logits = pl_module(x)
+        x, y, preds = (torch.cat(parts) for parts in zip(*self._picked, strict=True))
         step = trainer.global_step
         if self.inputs:
             figure = _image_figure(
-                _for_display(x, trainer), y, logits.argmax(1), pl_module.class_names, "inputs"
+                _for_display(x, trainer), y.cpu(), preds.cpu(), pl_module.class_names, "inputs"
             )
             _add_png(logger, "val/inputs", figure, step)
-        if self.feature_maps:
+        if self.feature_maps and isinstance(pl_module.net, nn.Sequential):
+            maps, _ = layer_outputs(pl_module.net, x)
             for name, fmap in maps.items():
                 grid = channel_grid(fmap[: self.feature_map_images], self.max_channels, size=16)
                 _add_png(
@@ -229,6 +207,16 @@ class TensorBoardDashboard(Callback):
 
 
 # ---------------------------------------------------------------------------- helpers (also used by scripts/tour.py)
+
+
+def _logits(outputs) -> torch.Tensor | None:
+    """(B, num_classes) logits an evaluation step returned as {"logits": ...}; None if it returned none."""
+    if isinstance(outputs, dict) and "logits" in outputs:
+        return outputs["logits"]
+    rank_zero_warn(
+        "TensorBoardDashboard: the evaluation step returned no {'logits': ...}, so no predictions."
+    )
+    return None
 
 
 def layer_outputs(net: nn.Sequential, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
@@ -54,6 +55,35 @@ LAST_CHECKPOINT_DEFAULTS = {
 }
 
 
+# Settings a resumed run may take from the command line rather than from its saved config: where
+# and how it runs and what it reports (prefixes of dotted keys). Everything else (the model, the
+# data and its split, batch size, seed, the Trainer's training settings) changes what is trained,
+# and must be the run's own; trainer.max_epochs may grow.
+RESUME_MAY_CHANGE = (
+    "ckpt_path",
+    "trainer.accelerator",
+    "trainer.callbacks",
+    "trainer.logger",
+    "trainer.default_root_dir",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.log_every_n_steps",
+    "trainer.num_sanity_val_steps",
+    "trainer.profiler",
+    "trainer.plugins",
+    "data.data_dir",
+    "data.download",
+    "data.num_workers",
+    "data.pin_memory",
+    "data.predict_dir",
+    "checkpoint",
+    "last_checkpoint",
+    "lr_monitor",
+    "divergence_guard",
+    "dashboard",
+    "prediction",
+)
+
 # Lightning's bar redraws after every step, ~0.3 ms of Python each time (measured): on a GPU as
 # long as a whole training step. The CLI's bar redraws every PROGRESS_BAR_REFRESH_RATE steps.
 PROGRESS_BAR_REFRESH_RATE = 20
@@ -77,13 +107,68 @@ class LitCifarCLI(LightningCLI):
         path = config.get("ckpt_path") if subcommand else self.resume
         if not path or path in ("best", "hpc", "registry") or path.startswith("registry:"):
             return  # nothing to load, or Lightning's own lookups
-        resuming = path == "last" and subcommand in (None, "fit")
         self.ckpt_path = self._find_last(config) if path == "last" else str(path)
         self._ckpt = load_checkpoint(self.ckpt_path)
+        if subcommand in (None, "fit"):  # fitting from a checkpoint continues that run
+            self._as_trained(parser, args)
+            config = self.config[subcommand] if subcommand else self.config
         if subcommand:
             config.ckpt_path = self.ckpt_path
-        if resuming:
+        if path == "last" and subcommand in (None, "fit"):
             self._continue_run(config, Path(self.ckpt_path), self._ckpt.get("global_step", 0))
+
+    def _as_trained(self, parser, args) -> None:
+        """Parse again over the run's saved settings, so that what is given now overrides them; refuse
+        what would change what is trained (all but RESUME_MAY_CHANGE), allow more epochs."""
+        saved = self._saved_config(Path(self.ckpt_path))
+        if saved is None or isinstance(args, dict):  # no saved settings: check_fits judges the weights
+            return
+        subcommand = self.config.get("subcommand")
+        args = list(sys.argv[1:] if args is None else args)
+        at = args.index(subcommand) + 1 if subcommand else 0
+        self.config = parser.parse_args([*args[:at], f"--config={yaml.safe_dump(saved)}", *args[at:]])
+        sub_parser = self._parser(subcommand)
+        config = self.config[subcommand] if subcommand else self.config
+        now = _flat(yaml.safe_load(sub_parser.dump(config, skip_none=False)))
+        was = _flat(saved)
+        changed = [
+            key
+            for key in was
+            if key in now
+            and now[key] != was[key]
+            and not any(key == p or key.startswith(p + ".") for p in RESUME_MAY_CHANGE)
+        ]
+        epochs = "trainer.max_epochs"
+        if epochs in changed and _more_epochs(was[epochs], now[epochs]):
+            changed.remove(epochs)
+            print(f"training extended: max_epochs {was[epochs]} -> {now[epochs]}", file=sys.stderr)
+        if changed:
+            raise UserError(
+                f"{self.ckpt_path} continues a run trained with other settings than given now; a resumed "
+                f"run keeps its own (drop these, or start a new run to change them):\n"
+                + "\n".join(f"  --{key}: {was[key]!r} in the run, {now[key]!r} given" for key in changed)
+            )
+
+    def _saved_config(self, ckpt_path: Path) -> dict | None:
+        """The settings the run was trained with: its config.yaml (SaveConfigCallback's), else the
+        model's and the data's hyperparameters in the checkpoint; only keys this CLI knows."""
+        run_config = ckpt_path.parent.parent / "config.yaml"
+        if ckpt_path.parent.name == "checkpoints" and run_config.is_file():
+            saved = yaml.safe_load(run_config.read_text()) or {}
+        else:
+            saved = {
+                "model": self._ckpt.get("hyper_parameters") or {},
+                "data": self._ckpt.get("datamodule_hyper_parameters") or {},
+            }
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        known = _flat(yaml.safe_load(self._parser(subcommand).dump(config, skip_none=False)))
+        saved = {k: v for k, v in saved.items() if k in known or any(n.startswith(k + ".") for n in known)}
+        for section in ("model", "data"):  # link targets (num_classes, class_names) and old settings out
+            if isinstance(saved.get(section), dict):
+                saved[section] = {k: v for k, v in saved[section].items() if f"{section}.{k}" in known}
+        saved.pop("ckpt_path", None)
+        return saved if any(saved.values()) else None
 
     @staticmethod
     def _find_last(config) -> str:
@@ -114,7 +199,7 @@ class LitCifarCLI(LightningCLI):
         return str(last)
 
     def _continue_run(self, config, last: Path, global_step: int) -> None:
-        """Log into the run's own folder: its version, its config.yaml rewritten, not a new run."""
+        """Log into the run's own folder, its version (not a new run), leaving its config.yaml as it is."""
         init = getattr(config.trainer.logger, "init_args", None)
         if init is None or config.checkpoint.dirpath or last.parent.name != "checkpoints":
             return  # checkpoints placed by the user: the logs go to a new version as usual
@@ -122,8 +207,11 @@ class LitCifarCLI(LightningCLI):
         num = run.removeprefix("version_")
         init.version = int(num) if run.startswith("version_") and num.isdigit() else run
         if "purge_step" in vars(init) and init.purge_step is None:
-            init.purge_step = int(global_step) + 1  # TensorBoard hides what was logged after the checkpoint
-        self.save_config_kwargs = {**self.save_config_kwargs, "overwrite": True}
+            # TensorBoard hides what the killed run logged after the checkpoint: the resumed run logs
+            # again from step global_step on (the learning rate of the next batch first; the loss of
+            # the checkpoint's own step was logged at global_step - 1)
+            init.purge_step = int(global_step)
+        self.save_config_callback = None  # the run's config.yaml stays as the run wrote it
 
     def before_instantiate_classes(self) -> None:
         # The default logger writes under --trainer.default_root_dir when one is given.
@@ -172,9 +260,13 @@ class LitCifarCLI(LightningCLI):
         ):  # unless the user turned the bar off or brought their own
             kwargs["callbacks"] = [*callbacks, TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_RATE)]
         try:
-            return super().instantiate_trainer(**kwargs)
+            trainer = super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError) as err:  # a bad --trainer.* setting
             raise UserError(f"{err} (see `lit-cifar fit --help` for the --trainer settings)") from None
+        if trainer.fast_dev_run:  # a check writes no checkpoint: ModelCheckpoint.on_train_end saves
+            for callback in trainer.checkpoint_callbacks:  # last.ckpt even then (Lightning PR #20960)
+                callback.save_last = False
+        return trainer
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
@@ -196,6 +288,22 @@ class LitCifarCLI(LightningCLI):
         parser.add_lightning_class_args(DivergenceGuard, "divergence_guard")
         parser.add_lightning_class_args(PredictionWriter, "prediction")  # predict: --prediction.output
         parser.add_lightning_class_args(TensorBoardDashboard, "dashboard")  # --dashboard.inputs false, ...
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists and other values stay whole."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _more_epochs(was, now) -> bool:
+    """Whether max_epochs `now` trains longer than `was` (-1: no limit)."""
+    return was is not None and was != -1 and (now == -1 or (now is not None and now > was))
 
 
 def main(args: list[str] | None = None) -> None:

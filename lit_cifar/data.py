@@ -8,11 +8,14 @@ The standard path (`fast=False`): a DataLoader with per-sample crop/flip in work
 """
 
 import math
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
 from lit_cifar import inference, sources
@@ -53,7 +56,8 @@ class CIFARDataModule(L.LightningDataModule):
             download: fetch the archive through torchvision when nothing is in `data_dir`.
             val_size: images held out of the training split for validation: a fraction in (0, 1)
                 or a count.
-            split_seed: seed of the train/val split (independent of the training seed).
+            split_seed: seed of the train/val split, and nothing else: the batch order and the
+                augmentation follow the training seed (`seed_everything`, `torch.manual_seed`).
             batch_size: images per batch, per device.
             num_workers: DataLoader worker processes (standard path only; the fast path needs none).
             pin_memory: page-locked host memory for faster copies to a GPU (standard path).
@@ -135,8 +139,8 @@ class CIFARDataModule(L.LightningDataModule):
         x, y = loaded["train"]
         self.data = {
             "train": (x[train_idx], y[train_idx]),
-            "val": (x[val_idx], y[val_idx]),
-            "test": loaded["test"],
+            "val": mix_classes(x[val_idx], y[val_idx]),
+            "test": mix_classes(*loaded["test"]) if loaded["test"] is not None else None,
         }
 
     # The training loader's place is kept with the DataModule's state too: Lightning restores that
@@ -150,10 +154,10 @@ class CIFARDataModule(L.LightningDataModule):
         self._train_state = state.get("train_loader")
 
     def train_dataloader(self):
-        return self._loader("train", shuffle=True)
+        return self._loader("train")
 
     def val_dataloader(self):
-        return self._loader("val", shuffle=False)
+        return self._loader("val")
 
     def test_dataloader(self):
         if not self.has_test:
@@ -161,7 +165,7 @@ class CIFARDataModule(L.LightningDataModule):
                 f"{self.hparams.data_dir} has no test split: add test/<class>/ images (or use the "
                 f"CIFAR pickles, which include one), or run `validate` instead."
             )
-        return self._loader("test", shuffle=False)
+        return self._loader("test")
 
     def predict_dataloader(self):
         if self.hparams.predict_dir is None:
@@ -171,13 +175,11 @@ class CIFARDataModule(L.LightningDataModule):
         )
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        # (B, 3, 32, 32) uint8 on the device -> float32, augmented when training on the fast path.
+        # (B, 3, 32, 32) uint8 on the device (augmented already when training) -> float32.
         # A bare tensor (images only) passes too; float input (the model summary's example) is left be.
         x, rest = (batch, None) if isinstance(batch, torch.Tensor) else (batch[0], batch[1:])
         if x.dtype != torch.uint8:
             return batch
-        if self.hparams.fast and self.hparams.augment and self.trainer is not None and self.trainer.training:
-            x = random_crop_flip(x, self.hparams.crop_padding, self.hparams.padding_mode)
         x = self.to_float(x)
         return x if rest is None else (x, *rest)
 
@@ -200,39 +202,59 @@ class CIFARDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
 
-    def _loader(self, split: str, shuffle: bool):
+    def _loader(self, split: str):
         x, y = self.data[split]
-        trainer = self.trainer
+        trainer, train = self.trainer, split == "train"
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        # Lightning turns shuffling off for overfit_batches by swapping a DataLoader's sampler; it
+        # cannot do that to a TensorLoader, so the data module does it, on both paths.
+        shuffle = train and not (trainer is not None and trainer.overfit_batches)
+        augment = self.hparams.augment and train
+        # The training seed (seed_everything's, under DDP the same on every rank) decides the batch
+        # order and the augmentation; split_seed only the split.
+        seed = torch.initial_seed() % 2**63
         if self.hparams.fast:
             device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+            hp = self.hparams
+            crop_flip = partial(random_crop_flip, padding=hp.crop_padding, padding_mode=hp.padding_mode)
             loader = TensorLoader(
                 x.to(device),
                 y.to(device),
-                self.hparams.batch_size,
+                hp.batch_size,
                 shuffle,
-                seed=self.hparams.split_seed,
+                seed=seed,
                 rank=rank,
                 world_size=world,
+                drop_last=train,
+                augment=crop_flip if augment else None,
+                epoch=(lambda: trainer.current_epoch) if trainer is not None else None,
             )
-            if split == "train":
+            if train:
                 self._train_loader = loader
                 if self._train_state is not None:
                     loader.load_state_dict(self._train_state)
                     self._train_state = None
             return loader
-        augment = self.hparams.augment and split == "train"
         transform = v2.Compose(
             [
                 v2.RandomCrop(32, self.hparams.crop_padding, padding_mode=self.hparams.padding_mode),
                 v2.RandomHorizontalFlip(),
             ]
         )
-        # Lightning swaps in a DistributedSampler under DDP, so each rank reads its own shard.
+        samples = _Samples(x, y, transform if augment else None)
+        # The fast path's order exactly: torch's DistributedSampler permutes with seed + epoch
+        # (Lightning calls its set_epoch) and gives rank r every world-th image. Unshuffled loaders
+        # get Lightning's own DistributedSampler under DDP. Crops and flips come from the process's
+        # random state (each worker's is seeded by Lightning from the seed, worker and rank).
+        sampler = (
+            DistributedSampler(samples, world, rank, shuffle=True, seed=seed, drop_last=True)
+            if shuffle
+            else None
+        )
         return DataLoader(
-            _Samples(x, y, transform if augment else None),
+            samples,
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.hparams.num_workers,
             pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.hparams.num_workers > 0,
@@ -251,19 +273,37 @@ def split_indices(n: int, val_size: int | float, seed: int) -> tuple[torch.Tenso
     return order[n_val:].sort().values, order[:n_val].sort().values
 
 
-def random_crop_flip(x: torch.Tensor, padding: int, padding_mode: str = "constant") -> torch.Tensor:
+def mix_classes(x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) in a fixed order that deals the classes out in rounds: the first image of each class
+    (the classes in a random order), then the second of each... so any prefix of an evaluation
+    split, such as `limit_val_batches` or `fast_dev_run` read, covers the classes."""
+    by_class = torch.argsort(y, stable=True)
+    counts = torch.bincount(y)
+    rank_in_class = torch.empty_like(y)
+    rank_in_class[by_class] = torch.arange(len(y)) - torch.repeat_interleave(
+        counts.cumsum(0) - counts, counts
+    )
+    shuffle = torch.rand(len(y), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    order = (rank_in_class + shuffle).argsort()
+    return x[order], y[order]
+
+
+def random_crop_flip(
+    x: torch.Tensor, padding: int, padding_mode: str = "constant", generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Per-image random crop of a padded batch and random horizontal flip, on x's device.
 
     The same distribution as torchvision's RandomCrop(32, padding, padding_mode=...) +
     RandomHorizontalFlip(), drawn for each image. No padded copy is made: each output pixel's
     source pixel is computed (shifted, mirrored for the flip, reflected or zeroed at the border)
-    and the whole batch is one gather. x: (B, C, H, W), any dtype.
+    and the whole batch is one gather. x: (B, C, H, W), any dtype. `generator` (on x's device)
+    draws the crops and flips; None: the global random state.
     """
     b, c, h, w = x.shape
     dev = x.device
-    dy = torch.randint(0, 2 * padding + 1, (b, 1, 1, 1), device=dev) - padding  # shift in [-p, p]
-    dx = torch.randint(0, 2 * padding + 1, (b, 1, 1, 1), device=dev) - padding
-    flip = torch.rand(b, 1, 1, 1, device=dev) < 0.5
+    shift = partial(torch.randint, 0, 2 * padding + 1, (b, 1, 1, 1), generator=generator, device=dev)
+    dy, dx = shift() - padding, shift() - padding  # shifts in [-p, p]
+    flip = torch.rand(b, 1, 1, 1, generator=generator, device=dev) < 0.5
     j = torch.arange(w, device=dev).view(1, 1, 1, w)
     rows = dy + torch.arange(h, device=dev).view(1, 1, h, 1)  # (B, 1, H, 1) source row of each output row
     cols = dx + torch.where(flip, w - 1 - j, j)  # (B, 1, 1, W): a flipped image reads its crop backwards
@@ -294,19 +334,20 @@ class _Samples(Dataset):
 
 
 class TensorLoader:
-    """Batches sliced from tensors that already sit on the training device.
+    """Batches sliced from tensors that already sit on the training device, augmented there.
 
-    Each epoch draws one permutation (seeded by epoch, the same on every rank); rank r takes
-    every world_size-th index, so ranks see disjoint shards of equal length. It keeps its place
-    (`state_dict`), so a run resumed mid-epoch continues with the batches it had not seen.
+    Shuffled, each epoch is one permutation seeded by seed + epoch (torch's DistributedSampler's
+    order), the same on every rank; rank r takes every world_size-th index. `drop_last` drops the
+    n % world_size images left over, so ranks train on equal shards and none waits at the last step;
+    unshuffled and without it, every image comes once over all ranks (evaluation).
 
-    Resuming is exact: `batches_done` counts the batches handed out, and Lightning's training
-    fetcher asks for a batch only when it trains on it (it reads ahead only for loaders without a
-    length), so a checkpoint written after step k continues at batch k+1. The state also holds the
-    global random generators (CPU and the loader's GPU), which augment the batches
-    (`random_crop_flip`): the resumed run draws the crops and flips an uninterrupted one would.
-    Under DDP every rank draws the same numbers (same seed, equal shards), so rank 0's state,
-    the one a checkpoint keeps, is every rank's.
+    `augment(images, generator)` transforms each batch with a generator on the data's device seeded
+    by (seed, epoch, batch index, rank): no global random state is read or changed, each rank draws
+    its own crops and flips, and a batch is the same whenever it is drawn. So the loader's place
+    (`state_dict`: epoch, batches handed out) is all a resumed run needs to continue with the
+    batches, crops and flips an uninterrupted one would have had. It continues at the right batch
+    because Lightning's training fetcher asks for a batch only when it trains on it (it reads ahead
+    only for loaders without a length): a checkpoint written after step k continues at batch k+1.
     """
 
     def __init__(
@@ -318,60 +359,70 @@ class TensorLoader:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        drop_last: bool | None = None,
+        augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+        epoch: Callable[[], int] | None = None,
     ) -> None:
+        """`drop_last` defaults to `shuffle`; `epoch` says which epoch a pass is (the trainer's
+        current_epoch, so a loader rebuilt by reload_dataloaders_every_n_epochs goes on with the
+        next epoch's order); None: passes count 0, 1, 2..."""
         self.images, self.labels, self.batch_size, self.shuffle = images, labels, batch_size, shuffle
         self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.drop_last = shuffle if drop_last is None else drop_last
+        self.augment, self._epoch = augment, epoch
         self.epoch, self.batches_done = -1, 0  # the first pass is epoch 0
         self._resume: dict | None = None  # a state_dict() the next pass continues from
+        self._generator = torch.Generator(images.device) if augment is not None else None
 
     def _order(self) -> torch.Tensor:
         n = len(self.labels)
-        if not self.shuffle:  # evaluation: every image exactly once over all ranks
-            return torch.arange(self.rank, n, self.world_size)
-        n -= n % self.world_size  # equal shards, so no rank waits on another at the last step
-        order = torch.randperm(
-            len(self.labels), generator=torch.Generator().manual_seed(self.seed + self.epoch)
+        order = (
+            torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            if self.shuffle
+            else torch.arange(n)
         )
-        return order[:n][self.rank :: self.world_size]
+        if self.drop_last:
+            order = order[: n - n % self.world_size]
+        return order[self.rank :: self.world_size]
 
     def __len__(self) -> int:
         n = len(self.labels)
         count = (
             (n - n % self.world_size) // self.world_size
-            if self.shuffle
+            if self.drop_last
             else len(range(self.rank, n, self.world_size))
         )
         return math.ceil(count / self.batch_size)
 
     def __iter__(self):
-        # A fresh pass starts the next epoch, unless load_state_dict() asked to continue one.
         resume, self._resume = self._resume, None
-        if resume is None:
-            self.epoch, self.batches_done = self.epoch + 1, 0
+        if self._epoch is not None:
+            self.epoch = self._epoch()
+        elif resume is not None:  # saved at the epoch's end: start the next
+            self.epoch = resume["epoch"] + (resume["batches_done"] >= len(self))
         else:
-            finished = resume["batches_done"] >= len(self)  # saved at the epoch's end: start the next
-            self.epoch, self.batches_done = (
-                resume["epoch"] + finished,
-                0 if finished else resume["batches_done"],
-            )
-            self._set_rng(resume)
+            self.epoch += 1
+        # A resumed pass continues its epoch where the checkpoint was written.
+        self.batches_done = (
+            resume["batches_done"] if resume is not None and resume["epoch"] == self.epoch else 0
+        )
         order = self._order().to(self.labels.device)
         for start in range(self.batches_done * self.batch_size, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
+            x = self.images[idx]
+            if self.augment is not None:
+                self._generator.manual_seed(_mix(self.seed, self.epoch, self.batches_done, self.rank))
+                x = self.augment(x, generator=self._generator)
             self.batches_done += 1
-            yield self.images[idx], self.labels[idx]
+            yield x, self.labels[idx]
 
     def state_dict(self) -> dict:
-        state = {"epoch": self.epoch, "batches_done": self.batches_done, "rng": torch.get_rng_state()}
-        if self.images.device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.images.device)
-        return state
+        return {"epoch": self.epoch, "batches_done": self.batches_done}
 
     def load_state_dict(self, state: dict) -> None:
-        self._resume = state  # applied when the next pass starts: no random draw can come in between
+        self._resume = state  # applied when the next pass starts
 
-    def _set_rng(self, state: dict) -> None:
-        if "rng" in state:
-            torch.set_rng_state(state["rng"].cpu())
-        if "cuda_rng" in state and self.images.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.images.device)
+
+def _mix(*keys: int) -> int:
+    """One 64-bit seed from several numbers (numpy's SeedSequence): nearby keys, unrelated streams."""
+    return int(np.random.SeedSequence(keys).generate_state(1, np.uint64)[0])

@@ -66,14 +66,14 @@ class CIFARClassifier(L.LightningModule):
         self.net = build_net(net, num_classes)
         self.example_input_array = torch.zeros(1, 3, 32, 32)  # the summary shows each layer's shapes
         # validate_args=False: the input checks call torch.unique, a host-device sync every step.
-        self.train_acc, self.val_acc, self.test_acc = (
-            MulticlassAccuracy(num_classes, average="micro", validate_args=False) for _ in range(3)
+        self.val_acc, self.test_acc = (
+            MulticlassAccuracy(num_classes, average="micro", validate_args=False) for _ in range(2)
         )
         self.val_acc_best = MaxMetric()
-        # The epoch's training loss summed over its images, and their count, on the device: the seed's
-        # "Average Loss" is their ratio. (torchmetrics' MeanMetric checks each update for NaN with a
-        # host-device sync; its nan_strategy="disable" needs torchmetrics >= 1.7.)
-        self.register_buffer("train_loss_sum", torch.zeros(2), persistent=False)  # (loss x images, images)
+        # The epoch's training sums on the device: (loss x images, correct predictions, images); the
+        # seed's "Average Loss" and train/acc are their ratios. (torchmetrics' MeanMetric checks each
+        # update for NaN with a host-device sync; its nan_strategy="disable" needs torchmetrics >= 1.7.)
+        self.register_buffer("train_sums", torch.zeros(3), persistent=False)
         self.test_acc_per_class = MulticlassAccuracy(num_classes, average=None)  # (C,): each class's recall
 
     @property
@@ -106,55 +106,53 @@ class CIFARClassifier(L.LightningModule):
 
     # ------------------------------------------------------------------ steps
 
-    def _step(self, batch, stage: str) -> torch.Tensor:
+    def _step(self, batch, stage: str) -> torch.Tensor | dict[str, torch.Tensor]:
         x, y = batch
         logits = self(x) if stage == "train" else self.evaluate(x)
         smoothing = self.hparams.label_smoothing if stage == "train" else 0.0
         loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
-        acc = getattr(self, f"{stage}_acc")
         if stage == "train":
             self._log_train(loss, logits, y)
             return loss
+        acc = getattr(self, f"{stage}_acc")
         acc(logits, y)
         if stage == "test":
             self.test_acc_per_class.update(logits, y)
         self.log(f"{stage}/loss", loss, sync_dist=True)
         self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=stage == "val")
-        return loss
+        # What callbacks read as `outputs` (the dashboard's predictions): the logits scored here.
+        return {"loss": loss, "logits": logits.detach()}  # (), (B, num_classes)
 
     def _log_train(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
         # Each self.log call costs 0.5-1 ms of Python (measured), every step: the training step
         # only updates its metrics, on the device (no sync), and hands Lightning the step's loss
         # when it writes logs (every log_every_n_steps) -> train/loss_step; the epoch's values are
         # logged at its end -> train/loss_epoch, train/acc.
-        self.train_loss_sum.add_(torch.stack((loss.detach(), torch.ones_like(loss))), alpha=len(y))
-        self.train_acc.update(logits, y)
+        images = torch.full_like(loss, len(y), dtype=torch.float32)  # float32 whatever the precision
+        correct = (logits.argmax(1) == y).sum().float()
+        self.train_sums.add_(torch.stack((loss.detach().float() * images, correct, images)))
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             self.log("train/loss_step", loss, sync_dist=True)  # DDP: the mean over all ranks
 
     def on_train_epoch_end(self) -> None:
-        if self.train_acc.update_count:  # over all DDP ranks: reduce() sums, compute() gathers
-            loss_sum, images = self.trainer.strategy.reduce(self.train_loss_sum.clone(), reduce_op="sum")
+        loss_sum, correct, images = self.trainer.strategy.reduce(self.train_sums.clone(), reduce_op="sum")
+        if images > 0:  # over all DDP ranks (reduce sums them); none when no batch was trained
             self.log("train/loss_epoch", loss_sum / images)
-            self.log("train/acc", self.train_acc.compute())
-        self.train_loss_sum.zero_()
-        self.train_acc.reset()
+            self.log("train/acc", correct / images)
+        self.train_sums.zero_()
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._step(batch, "val")
+    def validation_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._step(batch, "val")
 
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._step(batch, "test")
+    def test_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._step(batch, "test")
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, list | tuple) else batch
         return self.evaluate(x).softmax(dim=-1)  # (B, num_classes) class probabilities
-
-    def on_train_start(self) -> None:
-        self.val_acc_best.reset()  # forget the sanity check's accuracy
 
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:
@@ -166,6 +164,25 @@ class CIFARClassifier(L.LightningModule):
         for name, acc in zip(self.class_names, self.test_acc_per_class.compute(), strict=True):
             self.log(f"test/acc_{name}", acc)
         self.test_acc_per_class.reset()
+
+    # ------------------------------------------------------------------ what a resumed run restores
+
+    # state_dict() stays the weights only (export, prediction and check_fits compare it with the net);
+    # the epoch's running sums and the best val/acc so far go in the checkpoint under their own key,
+    # so that a run resumed mid-epoch logs the values the uninterrupted run would.
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        sums = self.trainer.strategy.reduce(self.train_sums.clone(), reduce_op="sum")  # every rank's share
+        best = self.val_acc_best.metric_state["max_value"]
+        checkpoint["metric_state"] = {"train_sums": sums.cpu(), "val_acc_best": best.cpu()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("metric_state")
+        if state is None:  # written before these were saved
+            return
+        # rank 0 carries the sums of all ranks so far; each rank adds its own from here
+        self.train_sums.copy_(state["train_sums"] if self.global_rank == 0 else torch.zeros(3))
+        self.val_acc_best.reset()
+        self.val_acc_best.update(state["val_acc_best"])
 
     # ------------------------------------------------------------------ optimization
 

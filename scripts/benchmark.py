@@ -36,6 +36,7 @@ import tempfile
 import time
 import warnings
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -260,9 +261,11 @@ def plain_step(bench: Bench, model: CIFARClassifier, total_steps: int = 10_000):
 
 def fast_batches(dm: CIFARDataModule, x: torch.Tensor, y: torch.Tensor, batch_size: int):
     """(b)'s data: TensorLoader batches on the device, cropped, flipped and normalized there."""
-    for images, labels in TensorLoader(x, y, batch_size, shuffle=True):
-        if dm.hparams.augment:
-            images = random_crop_flip(images, dm.hparams.crop_padding, dm.hparams.padding_mode)
+    hp = dm.hparams  # crops and flips drawn per batch by the loader, as in training
+    augment = partial(random_crop_flip, padding=hp.crop_padding, padding_mode=hp.padding_mode)
+    for images, labels in TensorLoader(
+        x, y, batch_size, shuffle=True, augment=augment if hp.augment else None
+    ):
         yield dm.to_float(images), labels
 
 

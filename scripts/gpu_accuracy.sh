@@ -1,26 +1,27 @@
 #!/usr/bin/env bash
-# Accuracy sweep (issue 8): every recipe of a recipe file trained at once, in parallel, on one GPU.
-#   bash scripts/gpu_accuracy.sh docs/sweeps/round2.txt DATA_DIR [ACCELERATOR] [EXTRA lit-cifar ARGS...]
-# A recipe file holds one run a line: a name, then `lit-cifar fit` arguments ('#' lines are comments).
-# Each run logs to $OUT/accuracy/<name> (or runs/accuracy/<name>); the table of best and final
-# val/acc per run is printed from those logs by scripts/plot_curves.py.
+# Accuracy search (issue 16) on one GPU: an Optuna sweep per network (scripts/sweep.py), both at once,
+# each trial a 20-epoch lit-cifar run on the 45,000/5,000 split of DATA_DIR (split seed 0).
+#   bash scripts/gpu_accuracy.sh DATA_DIR [SECONDS] [JOBS] [EXTRA lit-cifar ARGS...]
+# SECONDS (default 300): no trial starts after it; running trials finish (a 20-epoch run took
+# 69-188 s with 12 at once on an H100, docs/sweeps/round1_h100.md): the defaults are meant to fit
+# a 600 s device call (not yet run). JOBS (default 6): trials at once per network, 12 processes in all.
+# Output under $OUT (or runs/): sweep-<net>/ with trials.md, best.yaml and tb/ (one run per trial),
+# sweep-<net>.log. Run it again with the same $OUT to continue both studies.
 set -u
-RECIPES=${1:?recipe file}; DATA=${2:?data folder}; ACC=${3:-gpu}; shift 3 || shift $#
-ROOT=${OUT:-runs}/accuracy
+DATA=${1:?data folder}; BUDGET=${2:-300}; JOBS=${3:-6}; shift 3 || shift $#
+ROOT=${OUT:-runs}
 mkdir -p "$ROOT"
 python3 -c "from lit_cifar.sources import load; load('$DATA')"  # decode once, so runs share the cache
 
-common=(--data.data_dir "$DATA" --trainer.accelerator "$ACC" --trainer.enable_progress_bar false
-        --trainer.enable_model_summary false --data.val_size 5000)
 start=$(date +%s)
-n=0
-while read -r name args; do
-  [[ -z "$name" || "$name" == \#* ]] && continue
-  # shellcheck disable=SC2086 - the recipe's arguments are a list of words on purpose
-  OMP_NUM_THREADS=1 timeout "${SWEEP_TIMEOUT:-420}" python3 -m lit_cifar.cli fit "${common[@]}" \
-    --trainer.default_root_dir "$ROOT/$name" $args "$@" > "$ROOT/$name.log" 2>&1 &
-  n=$((n + 1))
-done < "$RECIPES"
+for net in seed seed_bn; do
+  OMP_NUM_THREADS=1 python3 scripts/sweep.py --data-dir "$DATA" --net "$net" --max-epochs 20 \
+    --timeout "$BUDGET" --jobs "$JOBS" --study-name "$net" --output-dir "$ROOT/sweep-$net" \
+    --data.val_size 5000 --trainer.accelerator gpu \
+    --dashboard.inputs false --dashboard.feature_maps false "$@" > "$ROOT/sweep-$net.log" 2>&1 &
+done
 wait
-echo "sweep: $n runs in parallel, $(( $(date +%s) - start )) s wall"
-python3 scripts/plot_curves.py "$ROOT" --output "$ROOT/curves.png"
+echo "sweeps: $(( $(date +%s) - start )) s wall"
+for net in seed seed_bn; do
+  cat "$ROOT/sweep-$net/trials.md" || tail -3 "$ROOT/sweep-$net.log"
+done

@@ -7,14 +7,21 @@ flip, check that it is exactly the padded original cropped there, and that its l
 """
 
 import hashlib
+import os
 import pickle
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
+import lightning as L
 import pytest
 import torch
+from conftest import quiet_trainer
 from torch.nn import functional as F
+from torch.utils.data import DistributedSampler
 
+from lit_cifar import CIFARClassifier
 from lit_cifar.data import CIFARDataModule, TensorLoader, random_crop_flip
 
 N, PAD, SIZE = 300, 4, 32  # training images (after 12 held out for validation), padding, side
@@ -58,20 +65,32 @@ def coded(tmp_path) -> tuple[str, dict[str, str]]:
     return str(tmp_path), write_coded_batches(tmp_path, N + 12)
 
 
-def fake_trainer(training: bool) -> SimpleNamespace:
-    """What the data module reads from its trainer: the stage, the rank, the device."""
+def fake_trainer(rank: int = 0, world_size: int = 1, overfit_batches: int = 0) -> SimpleNamespace:
+    """What the data module reads from its trainer: the rank, the device, the epoch, overfitting."""
     strategy = SimpleNamespace(root_device=torch.device("cpu"))
-    return SimpleNamespace(training=training, global_rank=0, world_size=1, strategy=strategy)
+    return SimpleNamespace(
+        global_rank=rank,
+        world_size=world_size,
+        strategy=strategy,
+        current_epoch=0,
+        overfit_batches=overfit_batches,
+    )
 
 
-def batches(coded, fast: bool, split: str = "train", epochs: int = 1, **kwargs):
-    """(x, y) as the model gets them: through the loader and on_after_batch_transfer."""
+def batches(coded, fast: bool, split: str = "train", epochs: int = 1, trainer=None, **kwargs):
+    """(x, y) as the model gets them, epoch after epoch: through the loader and on_after_batch_transfer."""
     data_dir, md5s = coded
-    dm = CIFARDataModule(data_dir, val_size=12, batch_size=64, fast=fast, checksums=md5s, **kwargs)
+    kwargs = {"val_size": 12, "batch_size": 64, **kwargs}
+    dm = CIFARDataModule(data_dir, fast=fast, checksums=md5s, **kwargs)
     dm.setup("fit")
-    dm.trainer = fake_trainer(training=split == "train")
+    dm.trainer = trainer or fake_trainer()
     loader = dm.train_dataloader() if split == "train" else dm.val_dataloader()
-    out = [dm.on_after_batch_transfer(batch, 0) for _ in range(epochs) for batch in loader]
+    out = []
+    for epoch in range(epochs):  # as Lightning: the trainer's epoch, and the sampler's set_epoch
+        dm.trainer.current_epoch = epoch
+        if isinstance(getattr(loader, "sampler", None), DistributedSampler):
+            loader.sampler.set_epoch(epoch)
+        out += [dm.on_after_batch_transfer(batch, 0) for batch in loader]
     return out, len(loader)
 
 
@@ -210,3 +229,149 @@ def test_random_crop_flip_is_pad_crop_flip(padding_mode):
                 for dx in range(2 * padding + 1)
             ]
             assert any(torch.equal(out[i], c) or torch.equal(out[i], c.flip(2)) for c in crops)
+
+
+# ---------------------------------------------------------------------------- seeds: who decides what
+
+
+@pytest.fixture
+def seeded():
+    """seed_everything as the CLI calls it, with its PL_* variables kept from other tests."""
+
+    def seed(value: int) -> None:
+        L.seed_everything(value, verbose=False)
+        torch.rand(value)  # however much of the global random state is used later, nothing changes
+
+    with mock.patch.dict(os.environ):
+        yield seed
+
+
+def test_the_training_seed_decides_order_and_augmentation(coded, seeded):
+    runs = {}
+    for seed in (1, 2, 1):
+        seeded(seed)
+        out, _ = batches(coded, fast=True, epochs=2, normalize=False)
+        runs.setdefault(seed, []).append(out)
+    (a, again), (b,) = runs[1], runs[2]
+    assert all(
+        torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, again, strict=True)
+    )
+    assert not torch.equal(torch.cat([y for _, y in a]), torch.cat([y for _, y in b]))  # another order
+    # the same images in the same order, another seed: other crops and flips
+    images, labels = template(torch.arange(10).repeat(20)), torch.arange(10).repeat(20)
+
+    def crops(seed: int) -> dict[str, torch.Tensor]:
+        augment = partial(random_crop_flip, padding=PAD)
+        (x, y), *_ = TensorLoader(images, labels, 200, shuffle=False, seed=seed, augment=augment)
+        return decode(x / 255, y, "constant")
+
+    assert all(torch.equal(crops(1)[k], crops(1)[k]) for k in ("dy", "dx", "flip"))
+    assert not torch.equal(crops(1)["dy"], crops(2)["dy"]) and not torch.equal(
+        crops(1)["flip"], crops(2)["flip"]
+    )
+
+
+def test_split_seed_decides_only_the_split(coded, seeded):
+    def split(seed: int, split_seed: int) -> torch.Tensor:
+        seeded(seed)
+        dm = CIFARDataModule(coded[0], val_size=12, split_seed=split_seed, checksums=coded[1])
+        dm.setup("fit")
+        return dm.data["val"][0]
+
+    assert torch.equal(split(1, 0), split(2, 0))
+    assert not torch.equal(split(1, 0), split(1, 1))
+
+
+def test_the_fast_path_leaves_the_global_random_state_alone(coded):
+    before = torch.get_rng_state()
+    batches(coded, fast=True, epochs=2)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_the_standard_path_reads_the_fast_paths_order(coded, seeded):
+    seeded(3)  # without augmentation the two paths hand the model the same batches, epoch after epoch
+    fast, _ = batches(coded, fast=True, epochs=2, augment=False)
+    std, _ = batches(coded, fast=False, epochs=2, augment=False)
+    assert all(
+        torch.equal(xf, xs) and torch.equal(yf, ys) for (xf, yf), (xs, ys) in zip(fast, std, strict=True)
+    )
+
+
+def test_each_ddp_rank_draws_its_own_crops_reproducibly(coded, seeded):
+    def rank_batches(rank: int) -> list[dict[str, torch.Tensor]]:
+        seeded(0)  # every rank is seeded alike, as Lightning does
+        out, _ = batches(coded, fast=True, trainer=fake_trainer(rank, world_size=2), normalize=False)
+        return [decode(x, y, "reflect") for x, y in out]
+
+    r0, r0_again, r1 = rank_batches(0), rank_batches(0), rank_batches(1)
+    for k in ("dy", "dx", "flip"):
+        assert torch.equal(torch.cat([b[k] for b in r0]), torch.cat([b[k] for b in r0_again]))
+        assert not torch.equal(torch.cat([b[k] for b in r0]), torch.cat([b[k] for b in r1]))
+
+
+def test_a_limited_epoch_resumes_at_the_next_epochs_start():
+    # limit_train_batches=2: the checkpoint at the epoch's end has handed out 2 of 5 batches.
+    images, labels = torch.arange(40).view(40, 1), torch.arange(40)
+    state = {"epoch": 0, "batches_done": 2}
+    resumed = TensorLoader(images, labels, 8, shuffle=True, seed=5, epoch=lambda: 1)  # the trainer's epoch
+    resumed.load_state_dict(state)
+    uninterrupted = TensorLoader(images, labels, 8, shuffle=True, seed=5, epoch=lambda: 1)
+    assert [y.tolist() for _, y in resumed] == [y.tolist() for _, y in uninterrupted]
+    assert len(list(resumed)) == 5
+
+
+# ---------------------------------------------------------------------------- Lightning's loader options
+
+
+class RecordBatches(L.Callback):
+    """Each training epoch's images, as fingerprints (the sum of each image's pixels)."""
+
+    def __init__(self) -> None:
+        self.epochs: list[list[float]] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.epochs.append([])
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.epochs[-1] += batch[0].flatten(1).sum(1).tolist()
+
+
+def record(image_folder, fast: bool = True, **trainer_kwargs) -> tuple[list[list[float]], CIFARDataModule]:
+    torch.manual_seed(0)
+    data = CIFARDataModule(str(image_folder), val_size=12, batch_size=8, augment=False, fast=fast)
+    recorder = RecordBatches()
+    trainer = quiet_trainer(limit_val_batches=0, callbacks=[recorder], **trainer_kwargs)
+    trainer.fit(CIFARClassifier("seed", num_classes=3), datamodule=data)
+    return recorder.epochs, data
+
+
+def test_reloaded_loaders_go_on_with_the_next_epochs_order(image_folder):
+    plain, _ = record(image_folder, max_epochs=3)
+    reloaded, _ = record(image_folder, max_epochs=3, reload_dataloaders_every_n_epochs=1)
+    assert reloaded == plain and plain[0] != plain[1] != plain[2]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_overfit_batches_reads_the_same_first_batches_each_epoch(image_folder, fast):
+    epochs, data = record(image_folder, fast=fast, max_epochs=2, overfit_batches=2)
+    x, _ = data.data["train"]
+    first = data.to_float(x[:16]).flatten(1).sum(1).tolist()  # the split's first 16 images, in order
+    assert epochs == [pytest.approx(first)] * 2
+
+
+# ---------------------------------------------------------------------------- evaluation order
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_any_prefix_of_val_and_test_covers_the_classes(image_folder, fast):
+    def labels(seed: int) -> list[list[torch.Tensor]]:
+        torch.manual_seed(seed)  # the training seed: no part in the evaluation order
+        dm = CIFARDataModule(str(image_folder), val_size=12, batch_size=4, fast=fast)  # files in class order
+        dm.setup("fit")
+        dm.trainer = fake_trainer()
+        return [[y for _, y in loader] for loader in (dm.val_dataloader(), dm.test_dataloader())]
+
+    val, test = labels(0)
+    assert set(val[0].tolist()) == set(test[0].tolist()) == {0, 1, 2}  # the first batch: every class
+    assert len(torch.cat(val)) == 12 and torch.bincount(torch.cat(test)).tolist() == [4, 4, 4]  # each once
+    assert [torch.cat(v).tolist() for v in labels(1)] == [torch.cat(val).tolist(), torch.cat(test).tolist()]

@@ -5,6 +5,7 @@ python -m pytest tests/test_reliability.py -q            (the slow ones spawn re
 
 import importlib.util
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.nn import functional as F
 
 from lit_cifar import CIFARClassifier, CIFARDataModule, build_net
+from lit_cifar.cli import LitCifarCLI
 from lit_cifar.cli import main as cli_main
 from lit_cifar.data import TensorLoader
 from lit_cifar.guards import SafeCheckpointIO, load_checkpoint
@@ -92,24 +94,24 @@ def last_scalar(log_dir: Path, tag: str) -> float:
 
 def test_tensor_loader_resumes_mid_epoch_with_the_same_batches_and_random_draws():
     images, labels = torch.arange(40).view(40, 1), torch.arange(40)
-    loader = TensorLoader(images, labels, batch_size=4, shuffle=True, seed=3)
+
+    def draw(x, generator):  # stands for the crops and flips: random draws from the loader's generator
+        return x + torch.randint(0, 1000, x.shape, generator=generator)
+
+    loader = TensorLoader(images, labels, batch_size=4, shuffle=True, seed=3, augment=draw)
     list(loader)  # epoch 0
     it = iter(loader)
     seen = [next(it)[1] for _ in range(3)]  # epoch 1: three steps trained, then a checkpoint
     state = loader.state_dict()
-    assert (state["epoch"], state["batches_done"]) == (1, 3)
-    draws = torch.rand(5)  # what the next batch's augmentation draws in the uninterrupted run
-    rest = [b[1] for b in it]
+    assert state == {"epoch": 1, "batches_done": 3}  # its place is all it needs: no random state
+    rest = list(it)
 
     torch.manual_seed(123)  # a new process: other random state, a new loader
-    resumed = TensorLoader(images, labels, batch_size=4, shuffle=True, seed=3)
+    resumed = TensorLoader(images, labels, batch_size=4, shuffle=True, seed=3, augment=draw)
     resumed.load_state_dict(state)
-    it = iter(resumed)
-    got = [next(it)[1]]
-    assert torch.equal(torch.rand(5), draws)
-    got += [b[1] for b in it]
-    assert all(torch.equal(a, b) for a, b in zip(got, rest, strict=True))
-    assert torch.equal(torch.cat(seen + got).sort().values, labels)  # the epoch, each image once
+    got = list(resumed)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, rest, strict=True))
+    assert torch.equal(torch.cat(seen + [b[1] for b in got]).sort().values, labels)  # the epoch, each once
 
 
 def test_tensor_loader_saved_at_epoch_end_starts_the_next_epoch():
@@ -198,28 +200,43 @@ def test_sigkill_during_a_checkpoint_write_leaves_a_loadable_checkpoint():
 # ---------------------------------------------------------------------------- kill and resume
 
 KILLER = """
-import os, signal
-from lightning.pytorch.callbacks import Callback
+import os, runpy, signal, sys
+import lightning.pytorch as pl
+from lit_cifar.cli import LitCifarCLI
 
-class KillAtStep(Callback):
-    '''Signal this process right after training step `step` (before that step's checkpoint).'''
-    def __init__(self, step: int, signal: str = "SIGKILL") -> None:
-        self.step, self.signal = step, signal
+STEP, SIGNAL = int(os.environ["KILL_AT_STEP"]), getattr(signal, os.environ["KILL_SIGNAL"])
 
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), getattr(signal, self.signal))
+
+class KillAtStep(pl.Callback):
+    # Signal this process right after training step STEP (before that step's checkpoint).
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == STEP:
+            os.kill(os.getpid(), SIGNAL)
+
+
+# Added to every Trainer from outside, as a real kill comes: the run's settings never see it.
+instantiate_trainer = LitCifarCLI.instantiate_trainer
+
+
+def with_killer(self, **kwargs):
+    trainer = instantiate_trainer(self, **kwargs)
+    trainer.callbacks.insert(0, KillAtStep())
+    return trainer
+
+
+LitCifarCLI.instantiate_trainer = with_killer
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
 """
+LIT_CIFAR = shutil.which("lit-cifar")
 
 
-def killed_run(command: list[str], step: int, sig: str = "SIGKILL") -> subprocess.CompletedProcess:
-    """Run `command` with a callback that sends itself `sig` after training step `step`."""
+def killed_run(script: str, args: list[str], step: int, sig: str = "SIGKILL") -> subprocess.CompletedProcess:
+    """Run `script args` in a process that sends itself `sig` after training step `step`."""
     Path("killer.py").write_text(KILLER)
-    Path("kill.yaml").write_text(
-        "trainer:\n  callbacks:\n    - class_path: killer.KillAtStep\n"
-        f"      init_args: {{step: {step}, signal: {sig}}}\n"
+    proc = run(
+        sys.executable, "killer.py", script, *args, env={"KILL_AT_STEP": str(step), "KILL_SIGNAL": sig}
     )
-    proc = run(*command, "--config=kill.yaml", env={"PYTHONPATH": str(Path.cwd())})
     if sig == "SIGKILL":
         assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     return proc
@@ -232,22 +249,47 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(wa[key], wb[key]), key
 
 
+def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series of a run folder as TensorBoard shows it: its (step, value) points in the
+    order written, over all the folder's event files. EventAccumulator reads a folder as TensorBoard
+    does: a resumed run's purge_step (a SessionLog START event) drops the points the killed run wrote
+    at that step or later, i.e. after its checkpoint; any other point logged twice shows twice."""
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def assert_same_scalars(got: Path, want: Path) -> None:
+    """Every tag, every step, once each, values equal within float tolerance."""
+    a, b = scalars(got), scalars(want)
+    assert sorted(a) == sorted(b)
+    for tag, points in b.items():
+        assert [s for s, _ in a[tag]] == [s for s, _ in points], tag  # no point missing or twice
+        assert [v for _, v in a[tag]] == pytest.approx([v for _, v in points], rel=1e-5, abs=1e-6), tag
+
+
 @pytest.mark.slow
-def test_cli_sigkill_mid_epoch_then_ckpt_path_last_ends_as_if_never_interrupted(image_folder, capsys):
+def test_cli_sigkill_twice_then_ckpt_path_last_ends_and_logs_as_if_never_interrupted(image_folder, capsys):
     args = ["fit", f"--data.data_dir={image_folder}", *TINY]
     cli_main([*args, "--trainer.default_root_dir=uninterrupted"])
+    run_dir = Path("lightning_logs/version_0")
 
-    killed_run(["lit-cifar", *args], step=5)  # last.ckpt was written at step 4, mid-epoch 0
+    killed_run(LIT_CIFAR, args, step=3)  # inside the first epoch: last.ckpt from step 2
     ckpt = load_checkpoint(LAST)
-    assert (ckpt["global_step"], ckpt["epoch"]) == (4, 0)
+    assert (ckpt["global_step"], ckpt["epoch"]) == (2, 0)
+    config = (run_dir / "config.yaml").read_bytes()
+    killed_run(LIT_CIFAR, [*args, "--ckpt_path=last"], step=9)  # resumed, killed in epoch 1: step 8
+    assert load_checkpoint(LAST)["global_step"] == 8
 
     cli_main([*args, "--ckpt_path=last"])
     assert f"resuming from {LAST}" in capsys.readouterr().err
     assert os.listdir("lightning_logs") == ["version_0"]  # the same run folder, no new version
-    assert len(list(Path("lightning_logs/version_0").glob("events.out.tfevents.*"))) == 2
-    assert (Path("lightning_logs/version_0/config.yaml")).is_file()
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 3
+    assert (run_dir / "config.yaml").read_bytes() == config  # as the run wrote it
     assert load_checkpoint(LAST)["global_step"] == 12
     assert_same_weights(LAST, Path("uninterrupted") / LAST)  # bit for bit, augmentation included
+    assert_same_scalars(run_dir, Path("uninterrupted") / run_dir)
+    assert {"train/loss_epoch", "train/acc", "val/acc_best", "lr-AdamW"} <= set(scalars(run_dir))
 
 
 @pytest.mark.slow
@@ -260,19 +302,20 @@ def test_train_script_sigkill_in_second_epoch_then_resume_ends_as_if_never_inter
     )
     train_main(*flags, "--default-root-dir", "uninterrupted")
 
-    killed_run([sys.executable, str(REPO / "scripts/train.py"), *flags], step=9)  # last.ckpt: step 8
+    killed_run(str(REPO / "scripts/train.py"), flags, step=9)  # last.ckpt: step 8
     assert load_checkpoint(LAST)["global_step"] == 8
 
     train_main(*flags, "--resume")
     assert os.listdir("lightning_logs") == ["version_0"]
     assert load_checkpoint(LAST)["global_step"] == 12
     assert_same_weights(LAST, Path("uninterrupted") / LAST)
+    assert_same_scalars(LAST.parents[1], Path("uninterrupted") / LAST.parents[1])
 
 
 @pytest.mark.slow
 def test_sigterm_exits_non_zero_with_a_message_and_the_run_resumes(image_folder):
     args = ["fit", f"--data.data_dir={image_folder}", *TINY]
-    proc = killed_run(["lit-cifar", *args], step=5, sig="SIGTERM")  # a preempted node's notice
+    proc = killed_run(LIT_CIFAR, args, step=5, sig="SIGTERM")  # a preempted node's notice
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert (
         proc.stderr.strip().splitlines()[-1].startswith("error: stopped by SIGTERM before the run finished.")
@@ -410,11 +453,9 @@ def test_files_that_are_not_checkpoints_get_a_clear_error(image_folder):
 def test_a_checkpoint_of_another_network_gets_a_clear_error(image_folder):
     state = {f"net.{k}": v for k, v in build_net("seed_bn", 3).state_dict().items()}
     torch.save({"state_dict": state, "hyper_parameters": {"net": "seed_bn", "num_classes": 3}}, "bn.ckpt")
+    # The file's hyperparameters are the run's settings: another net asked for is a changed setting.
     message = error_of(train_main, "--data-dir", str(image_folder), "--net", "seed", "--resume", "bn.ckpt")
-    assert message.startswith(
-        "error: bn.ckpt holds another network (seed_bn, 3 classes) than the one set up (seed, 3"
-    )
-    assert "--model.net seed_bn" in message
+    assert message.splitlines()[1:] == ["  --model.net: 'seed_bn' in the run, 'seed' given"]
     # Without hyperparameters the CLI cannot take the network from the file: the same check speaks.
     torch.save({"state_dict": state}, "bare.ckpt")
     message = error_of(cli_main, ["fit", f"--data.data_dir={image_folder}", "--ckpt_path=bare.ckpt"])
@@ -477,3 +518,44 @@ def test_bad_command_lines_are_refused_before_any_work(image_folder, cli_flag, t
     message = error_of(train_main, "--data-dir", str(image_folder), *train_flags)
     assert message.startswith(f"error: {start}") and "\n" not in message, message
     assert not Path("lightning_logs").exists()  # nothing written
+
+
+# ---------------------------------------------------------------------------- resumed with its own settings
+
+
+@pytest.mark.slow
+def test_resume_continues_with_the_runs_own_settings_and_refuses_others(image_folder, capsys):
+    args = ["fit", f"--data.data_dir={image_folder}", *TINY, "--trainer.max_epochs=1"]
+    cli_main([args[0], f"--config={REPO / 'configs/seed.yaml'}", *args[1:]])  # the seed recipe
+    run_dir = LAST.parents[1]
+    config, events = (run_dir / "config.yaml").read_bytes(), sorted(run_dir.glob("events.*"))
+
+    # Resumed with the default flags: the run's settings, not the defaults (scripts/train.py's way).
+    cli = LitCifarCLI(args=[f"--data.data_dir={image_folder}"], run=False, resume="last")
+    assert (cli.model.hparams.lr, cli.model.hparams.schedule) == (1e-3, "constant")
+    assert (cli.datamodule.hparams.normalize, cli.datamodule.hparams.batch_size) == (False, 8)
+    assert cli.trainer.max_epochs == 1
+
+    # Settings that change what is trained are refused, each named, before anything is written.
+    message = error_of(cli_main, [*args, "--ckpt_path=last", "--model.lr=0.1", "--data.normalize=true"])
+    assert message.splitlines() == [
+        f"error: {LAST} continues a run trained with other settings than given now; a resumed run "
+        "keeps its own (drop these, or start a new run to change them):",
+        "  --model.lr: 0.001 in the run, 0.1 given",
+        "  --data.normalize: False in the run, True given",
+    ]
+    message = error_of(train_main, "--data-dir", str(image_folder), "--batch-size", "16", "--resume")
+    assert message.splitlines()[1:] == ["  --data.batch_size: 8 in the run, 16 given"]
+    assert sorted(run_dir.glob("events.*")) == events
+
+    # More epochs: allowed, and said; the run goes on in its folder, its config.yaml as it was.
+    capsys.readouterr()
+    cli_main([*args, "--ckpt_path=last", "--trainer.max_epochs=2"])
+    assert "training extended: max_epochs 1 -> 2" in capsys.readouterr().err.splitlines()
+    assert load_checkpoint(LAST)["global_step"] == 12 and os.listdir("lightning_logs") == ["version_0"]
+    assert (run_dir / "config.yaml").read_bytes() == config
+
+
+def test_fast_dev_run_writes_no_checkpoint(image_folder):
+    cli_main(["fit", f"--data.data_dir={image_folder}", *TINY, "--trainer.fast_dev_run=true"])
+    assert sorted(Path.cwd().rglob("*.ckpt")) == []

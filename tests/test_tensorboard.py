@@ -123,11 +123,41 @@ def test_feature_maps_are_per_channel_grids():
         assert tile.min() == 0 and tile.max() == 1
 
 
-def test_fixed_images_spread_over_the_validation_split():
-    dashboard = TensorBoardDashboard(num_images=4)
-    for b in range(8):  # 8 batches of 5 images; batch b holds label b
-        dashboard._pick_fixed(torch.full((5, 3, 2, 2), float(b)), torch.full((5,), b), b, num_batches=8)
-    assert dashboard._fixed[1].tolist() == [0, 2, 4, 6]
+@pytest.mark.parametrize("flip_tta", [True, False])
+def test_confusion_matrix_agrees_with_the_logged_accuracy(tmp_path, batches, flip_tta):
+    torch.manual_seed(0)
+    root, md5s = batches  # random images and labels: an image and its mirror are told apart at random
+    data = CIFARDataModule(str(root), checksums=md5s, val_size=30, batch_size=8)
+    model = CIFARClassifier("seed", num_classes=10, flip_tta=flip_tta)
+    dashboard = TensorBoardDashboard(inputs=False, feature_maps=False, misclassified=False, hparams=False)
+    trainer = L.Trainer(  # an untrained net: its predictions vary (a trained one here says one class)
+        accelerator="cpu",
+        logger=TensorBoardLogger(tmp_path, default_hp_metric=False),
+        callbacks=[dashboard],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    logged = {
+        "val": trainer.validate(model, datamodule=data)[0]["val/acc"],
+        "test": trainer.test(model, datamodule=data)[0]["test/acc"],
+    }
+    for stage, acc in logged.items():
+        matrix = dashboard.matrices[stage]
+        assert (matrix.trace() / matrix.sum()).item() == pytest.approx(acc)
+
+    # They are the evaluated predictions (with flip_tta the mean of an image's and its mirror's logits),
+    # which here differ from the predictions of the mirror images alone, all a forward hook saw.
+    def confusion(preds: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.bincount(y * 10 + preds, minlength=100).view(10, 10)
+
+    x, y = data.data["val"]
+    with torch.no_grad():
+        x = data.to_float(x)
+        evaluated, mirrored = model.evaluate(x).argmax(1), model(x.flip(3)).argmax(1)
+    assert torch.equal(dashboard.matrices["val"], confusion(evaluated, y))
+    if flip_tta:
+        assert not torch.equal(confusion(evaluated, y), confusion(mirrored, y))
 
 
 def test_misclassified_pick_keeps_only_wrong_images_from_the_whole_set():
