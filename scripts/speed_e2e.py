@@ -8,7 +8,8 @@ compare: each command in its own process, alternating, round after round: the se
 --config configs/seed.yaml`. Each runs for --steps SHORT and LONG training steps (both inside the
 first epoch, so only the sanity check validates); img/s = (LONG - SHORT) x batch images / the
 difference of the two wall times, so start-up (imports, data loading, model summary) cancels.
-Ratios against the seed's loop are the median over rounds of each round's ratio.
+Ratios against the seed's loop are the median over rounds of each round's ratio. One untimed run
+of each command comes first, so the first round does not pay for a cold file cache.
 
 until: one `lit-cifar fit` run (any fit arguments after `--`), built by the CLI's own classes,
 with a callback timing each training epoch (validation excluded, device synced at both ends):
@@ -77,6 +78,8 @@ def compare(args: argparse.Namespace) -> dict:
     walls = {name: {short: [], long: []} for name in cmds}
     cpus = {name: {short: [], long: []} for name in cmds}  # CPU seconds (user + system) of each run
     with tempfile.TemporaryDirectory() as cwd:  # lit-cifar's logs and checkpoints land here
+        for cmd in cmds.values():  # untimed: files into the page cache, modules compiled
+            subprocess.run(steps_arg(cmd, 1), cwd=cwd, capture_output=True)
         for r in range(args.rounds):
             for n in (short, long):
                 for name, cmd in cmds.items():
