@@ -2,7 +2,7 @@
 # Issue 15's GPU speed measurements in one run, alone on the GPU, ending in one table (~10 min on an
 # H100, estimated: not yet run on a GPU; each step has a time limit, see step()).
 #   PYTHONPATH=. bash scripts/gpu_speed.sh DATA_DIR
-#   SMOKE=1 PYTHONPATH=. bash scripts/gpu_speed.sh DATA_DIR   # every step, a few batches, on the CPU (~5 min)
+#   SMOKE=1 PYTHONPATH=. bash scripts/gpu_speed.sh DATA_DIR   # every step, a few batches, on the CPU (5-16 min)
 # Needs torch, torchvision, lightning, torchmetrics, tensorboard, and these wheels (WHEELS=DIR installs
 # them from DIR with pip --no-index): jsonargparse docstring-parser typeshed-client typing-extensions
 # matplotlib contourpy cycler fonttools kiwisolver pyparsing python-dateutil six.
