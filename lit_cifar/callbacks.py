@@ -89,7 +89,10 @@ class TensorBoardDashboard(Callback):
             return
         logger = _tensorboard(trainer)
         if logger is None:
-            if any((self.inputs, self.feature_maps, self.confusion_matrix, self.misclassified, self.hparams)):
+            wanted = any(
+                (self.inputs, self.feature_maps, self.confusion_matrix, self.misclassified, self.hparams)
+            )
+            if wanted and not trainer.fast_dev_run:  # fast_dev_run turns the logger off on purpose
                 rank_zero_warn("TensorBoardDashboard writes nothing: the trainer has no TensorBoardLogger.")
             return
         if not self.hparams or not trainer.is_global_zero:

@@ -8,8 +8,11 @@ lit-cifar fit --ckpt_path last --data.data_dir DIR   # resume the newest run, in
 """
 
 import glob
+import logging
+import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -89,17 +92,50 @@ RESUME_MAY_CHANGE = (
 PROGRESS_BAR_REFRESH_RATE = 20
 
 
+def quiet_upstream_notices() -> None:
+    """Silence, by exact message, what upstream prints on every normal run and a newcomer reads
+    as an error. The one place such notices are filtered; anything else still shows."""
+    # torch.utils.tensorboard's add_graph (TensorBoard's Graphs tab) still traces with torch.jit.
+    warnings.filterwarnings("ignore", r"`torch\.jit\.trace(_method)?` is deprecated", FutureWarning)
+    # Lightning's pytree helper on torch >= 2.10: Lightning-AI/pytorch-lightning#21326.
+    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+    # The "💡 Tip" adverts (litlogger, litmodels): Lightning has no setting for them.
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoTips) for f in log.filters):
+        log.addFilter(_NoTips())
+
+
+class _NoTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def print_summary(trainer, metric: str, value: float | None) -> None:
+    """The line a training run ends with (scripts/train.py and `lit-cifar fit`): accuracy, best
+    checkpoint, log folder."""
+    if not trainer.is_global_zero:
+        return
+    value = float(value) if value is not None else math.nan
+    acc = f"{metric} {value:.4f}" if math.isfinite(value) else f"{metric} not measured"
+    ckpt = trainer.checkpoint_callback
+    best = (ckpt.best_model_path if ckpt else "") or "(none saved)"
+    print(f"{acc} | best checkpoint: {best} | logs: {trainer.log_dir or '(none written)'}")
+
+
 class LitCifarCLI(LightningCLI):
     def __init__(self, *args, resume: str | None = None, **kwargs) -> None:
         """`resume` (for run=False, as scripts/train.py does): a checkpoint to continue from, or
         "last": the newest run's. `self.ckpt_path` is then the file to give `trainer.fit`."""
+        quiet_upstream_notices()
         self.resume, self.ckpt_path, self._ckpt = resume, None, None
         kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
         kwargs.setdefault("seed_everything_default", SEED)
         super().__init__(CIFARClassifier, CIFARDataModule, *args, **kwargs)
 
     def parse_arguments(self, parser, args) -> None:
-        super().parse_arguments(parser, args)
+        # As LightningCLI.parse_arguments, without its warning that `args` and sys.argv were both
+        # given: scripts/train.py passes args translated from its own sys.argv.
+        self.config = parser.parse_args(args)
         # Before LightningCLI reads the checkpoint's hyperparameters: resolve "last", refuse a
         # missing, foreign or unsafe file with one clear message.
         subcommand = self.config.get("subcommand")
@@ -191,7 +227,7 @@ class LitCifarCLI(LightningCLI):
         found = [Path(p) for p in glob.glob(pattern)]
         if not found:
             raise UserError(
-                f"nothing to resume: no {pattern}. Start a new run (without --ckpt_path last / --resume), "
+                f"nothing to resume: no {pattern}. Start a new run (without --ckpt_path last), "
                 f"or run from the folder (or with the --trainer.default_root_dir) of the run to continue."
             )
         last = max(found, key=lambda p: p.stat().st_mtime)
@@ -274,6 +310,14 @@ class LitCifarCLI(LightningCLI):
             check_fits(self._ckpt, self.model, self.ckpt_path)
         if self.subcommand == "predict":  # its classes and net come from the checkpoint, not the data
             self.model = load_model(self.config.predict.ckpt_path)[0]
+
+    def after_fit(self) -> None:
+        ckpt = self.trainer.checkpoint_callback  # the first ModelCheckpoint: the monitored one
+        metric = getattr(ckpt, "monitor", None) or "val/acc"
+        best = getattr(ckpt, "best_model_score", None)
+        print_summary(
+            self.trainer, metric, best if best is not None else self.trainer.callback_metrics.get(metric)
+        )
 
     def add_arguments_to_parser(self, parser) -> None:
         # The number of classes and their names flow from the data into the model.

@@ -10,7 +10,6 @@ The standard path (`fast=False`): a DataLoader with per-sample crop/flip in work
 import math
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -100,7 +99,7 @@ class CIFARDataModule(L.LightningDataModule):
         if self._classes is not None:
             return self._classes
         if sources.is_image_folder(self.hparams.data_dir):
-            return sources.folder_classes(Path(self.hparams.data_dir) / "train")
+            return sources.folder_classes(self.hparams.data_dir)
         if self.hparams.dataset == "cifar10":
             return CIFAR10_CLASSES
         return sources.CIFAR100_CLASSES  # the files' own names replace these in setup()
@@ -115,7 +114,7 @@ class CIFARDataModule(L.LightningDataModule):
 
     @property
     def has_test(self) -> bool:
-        return self.data.get("test") is not None
+        return sources.has_test(self.hparams.data_dir)
 
     # ------------------------------------------------------------------ Lightning hooks
 
@@ -123,25 +122,31 @@ class CIFARDataModule(L.LightningDataModule):
         if self.trainer is not None and self.trainer.predicting:
             return  # prediction reads only its own images
         hp = self.hparams
-        n = sources.prepare(hp.data_dir, hp.dataset, hp.download, hp.checksums)
-        split_indices(n, hp.val_size, hp.split_seed)  # a bad val_size fails here, before any log is written
+        # validate and test read only their own split. fit checks (and caches) the test split too, so
+        # a run that tests after training (scripts/train.py) cannot fail on its data at the end.
+        stage = self.trainer.state.fn if self.trainer is not None else "fit"
+        fit_splits = ["train", "test"] if sources.has_test(hp.data_dir) else ["train"]
+        for split in {"validate": ["train"], "test": ["test"]}.get(stage, fit_splits):
+            n = sources.prepare(hp.data_dir, hp.dataset, hp.download, hp.checksums, split)
+            if split == "train":  # a bad val_size fails here, before any log is written
+                split_indices(n, hp.val_size, hp.split_seed)
 
     def setup(self, stage: str) -> None:
         if self.trainer is not None:  # the constants reach the device now, before any step
             self.normalization(self.trainer.strategy.root_device)
-        if self.data or stage == "predict":
+        # Only the split this stage reads is decoded: testing never touches train/ (val is cut from train).
+        split = "test" if stage == "test" else "train"
+        if stage == "predict" or split in self.data:
             return
-        loaded = sources.load(self.hparams.data_dir, self.hparams.dataset, self.hparams.checksums)
+        hp = self.hparams
+        loaded = sources.load(hp.data_dir, hp.dataset, hp.checksums, splits=(split,))
         self._classes = loaded["classes"]
-        train_idx, val_idx = split_indices(
-            len(loaded["train"][1]), self.hparams.val_size, self.hparams.split_seed
-        )
+        if split == "test":
+            self.data["test"] = mix_classes(*loaded["test"]) if loaded["test"] is not None else None
+            return
         x, y = loaded["train"]
-        self.data = {
-            "train": (x[train_idx], y[train_idx]),
-            "val": mix_classes(x[val_idx], y[val_idx]),
-            "test": mix_classes(*loaded["test"]) if loaded["test"] is not None else None,
-        }
+        train_idx, val_idx = split_indices(len(y), hp.val_size, hp.split_seed)
+        self.data.update(train=(x[train_idx], y[train_idx]), val=mix_classes(x[val_idx], y[val_idx]))
 
     # The training loader's place is kept with the DataModule's state too: Lightning restores that
     # before anything builds a loader. (It restores a loader's own state only when it builds the
@@ -160,7 +165,7 @@ class CIFARDataModule(L.LightningDataModule):
         return self._loader("val")
 
     def test_dataloader(self):
-        if not self.has_test:
+        if self.data.get("test") is None:
             raise UserError(
                 f"{self.hparams.data_dir} has no test split: add test/<class>/ images (or use the "
                 f"CIFAR pickles, which include one), or run `validate` instead."

@@ -143,9 +143,8 @@ def _fsync_dir(folder: Path) -> None:
 # Lightning ends a run that receives SIGTERM (a preempted node, `kill`) with SIGTERMException, a
 # SystemExit with status 0; entry points report it as the unfinished run it is.
 SIGTERM_MESSAGE = (
-    "stopped by SIGTERM before the run finished. Continue it with the same command plus --resume "
-    "(scripts/train.py) or --ckpt_path last (lit-cifar fit): the steps since its last checkpoint (at "
-    "most --last_checkpoint.every_n_train_steps) are trained again."
+    "stopped by SIGTERM before the run finished. Continue it with the same command plus --ckpt_path last: "
+    "the steps since its last checkpoint (at most --last_checkpoint.every_n_train_steps) are trained again."
 )
 
 # ---------------------------------------------------------------------------- divergence

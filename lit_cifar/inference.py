@@ -1,7 +1,7 @@
 """Using a trained model: people's images in, class probabilities out, a CSV; the export wrapper.
 
-Images of any size and mode are made the way CIFAR was: decoded by PIL, converted to RGB
-(grayscale, palette and RGBA too; alpha is dropped), resized to 32x32 with antialiasing.
+Images of any size and mode are made the way CIFAR was: decoded as training decodes them
+(lit_cifar.sources.pixels: RGB, alpha dropped, 16 bits scaled to 8), resized to 32x32 with antialiasing.
 
     python scripts/predict.py last.ckpt photos/          # -> predictions.csv
     python scripts/export.py last.ckpt --format onnx     # -> last.onnx
@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lit_cifar.errors import UserError
 from lit_cifar.guards import load_checkpoint
 from lit_cifar.module import CIFARClassifier
-from lit_cifar.sources import IMAGE_SUFFIXES
+from lit_cifar.sources import IMAGE_SUFFIXES, NOT_REGULAR, BadFile, file_kind, open_image, pixels, refuse
 
 INPUT_SETTINGS = ("dataset", "normalize")  # the DataModule settings that decide what the model sees
 TOP_K = 3
@@ -70,36 +70,47 @@ def input_settings(ckpt: dict) -> dict:
 
 
 def find_images(inputs: str | Sequence[str]) -> list[Path]:
-    """Files named directly (whatever their suffix) and PNG/JPEG files found under folders, in order."""
+    """Files named directly (whatever their suffix) and PNG/JPEG files found under folders, in order.
+
+    Only regular files: a named pipe, socket, device or broken link is refused before anything is read."""
     paths: list[Path] = []
     for item in [inputs] if isinstance(inputs, str) else inputs:
         path = Path(item)
+        if not os.path.lexists(path):
+            raise UserError(f"{path} does not exist: give image files or folders of images.")
         if path.is_dir():
             paths += sorted(
                 p
                 for p in path.rglob("*")
                 if p.suffix.lower() in IMAGE_SUFFIXES
-                and p.is_file()
+                and not p.is_dir()
                 and not any(part.startswith(".") for part in p.relative_to(path).parts)
             )
-        elif path.exists():
-            paths.append(path)
         else:
-            raise UserError(f"{path} does not exist: give image files or folders of images.")
+            paths.append(path)
+    refuse(
+        ", ".join(map(str, [inputs] if isinstance(inputs, str) else inputs)),
+        [(p, BadFile(NOT_REGULAR, kind)) for p in paths if (kind := file_kind(p)[0]) != "a file"],
+    )
     if not paths:
         raise UserError(f"no PNG/JPEG images ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(map(str, inputs))}.")
     return paths
 
 
 def read_image(path: str | Path) -> torch.Tensor:
-    """Any image PIL reads -> uint8 (3, 32, 32): upright (EXIF), RGB, resized with antialiasing."""
-    with Image.open(path) as img:
-        img.draft("RGB", (64, 64))  # JPEG: decode big photos at a reduced scale (>= 64 px), much faster
-        img = ImageOps.exif_transpose(img).convert("RGB")
+    """Any image PIL reads -> uint8 (3, 32, 32): upright (EXIF), RGB, resized with antialiasing.
+
+    A 32x32 file gives exactly the pixels training reads from it (`sources.pixels`); files over
+    Image.MAX_IMAGE_PIXELS are refused before decoding. Raises sources.BadFile."""
+    with open_image(path) as img:
         if img.size != (32, 32):
-            # Squashed to 32x32 like CIFAR's source images; bicubic antialiases when shrinking.
-            img = img.resize((32, 32), Image.Resampling.BICUBIC)
-        return torch.from_numpy(np.array(img)).permute(2, 0, 1)  # (32, 32, 3) -> (3, 32, 32)
+            img.draft("RGB", (64, 64))  # JPEG: decode big photos at a reduced scale (>= 64 px), much faster
+        x = pixels(img)  # (3, H, W)
+    if x.shape[1:] != (32, 32):
+        # Squashed to 32x32 like CIFAR's source images; bicubic antialiases when shrinking.
+        small = Image.fromarray(x.permute(1, 2, 0).numpy()).resize((32, 32), Image.Resampling.BICUBIC)
+        x = torch.from_numpy(np.array(small)).permute(2, 0, 1)  # (32, 32, 3) -> (3, 32, 32)
+    return x
 
 
 class ImageFiles(Dataset):

@@ -6,25 +6,29 @@ Looked for in `data_dir`, in this order:
   cifar-10-python.tar.gz | cifar-100-python.tar.gz         the archive: verified, then extracted
   nothing: torchvision downloads the archive (when allowed)
 
-`prepare` (once per machine) fetches, checks and decodes into the cache; `load` (every process)
-reads the cache. Every write goes to a temporary name first and is renamed into place, so a killed
+`prepare` (once per machine) fetches, checks and decodes one split (train or test) into the cache;
+`load` (every process) reads the cache. Each split is decoded and cached on its own, so testing never
+decodes the training images. `decode` turns one image file into pixels, for training and prediction alike. Every write goes to a temporary name first and is renamed into place, so a killed
 run leaves the old state, never a half file; its leftovers are swept up by the next run.
 
-    python -c "from lit_cifar.sources import load; print(load('data')['train'][0].shape)"
+    python -c "from lit_cifar.sources import load; print(load('data', splits=('train',))['train'][0].shape)"
 """
 
+import errno
 import hashlib
 import os
 import pickle
 import shutil
 import socket
+import stat
 import tarfile
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.utils import download_url
 from torchvision.io import ImageReadMode, decode_image, read_file
@@ -33,7 +37,8 @@ from lit_cifar.errors import UserError
 
 DATASETS = {"cifar10": CIFAR10, "cifar100": CIFAR100}  # torchvision holds the names and md5s
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-CACHE_VERSION = "2"  # bump when the cached layout changes
+SPLITS = ("train", "test")
+CACHE_VERSION = "3"  # bump when the cached layout changes
 Split = tuple[torch.Tensor, torch.Tensor]  # uint8 (N, 3, 32, 32), int64 (N,)
 # CIFAR-100's fine labels in label order (as in its `meta` file), known before any download.
 CIFAR100_CLASSES = """apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus
@@ -46,7 +51,10 @@ television tiger tractor train trout tulip turtle wardrobe whale willow_tree wol
 
 
 def _visible(path: Path) -> list[Path]:
-    return sorted(p for p in path.iterdir() if not p.name.startswith("."))
+    try:
+        return sorted(p for p in path.iterdir() if not p.name.startswith("."))
+    except OSError as err:
+        raise UserError(f"cannot list {path} ({err.strerror}): make it a readable folder.") from None
 
 
 def _root(data_dir: str | Path) -> Path:
@@ -54,11 +62,198 @@ def _root(data_dir: str | Path) -> Path:
 
 
 def is_image_folder(data_dir: str | Path) -> bool:
-    return (Path(data_dir).expanduser() / "train").is_dir()
+    """Holds train/ or test/ (of whatever kind: a file there is refused later, by name)."""
+    return any(os.path.lexists(Path(data_dir).expanduser() / split) for split in SPLITS)
 
 
-def folder_classes(root: str | Path) -> list[str]:
-    return [p.name for p in _visible(Path(root).expanduser()) if p.is_dir()]
+def has_test(data_dir: str | Path) -> bool:
+    """Whether the data have a test split: CIFAR's pickles always do, an image folder when it holds test/."""
+    return not is_image_folder(data_dir) or os.path.lexists(Path(data_dir).expanduser() / "test")
+
+
+def folder_classes(data_dir: str | Path) -> list[str]:
+    """An image folder's classes: train/'s class folders (test/'s when there is no train/); at least two."""
+    root = Path(data_dir).expanduser()
+    found = {split: _class_folders(root / split) for split in SPLITS if os.path.lexists(root / split)}
+    if len(found) == 2 and found["train"] != found["test"]:
+        train, test = set(found["train"]), set(found["test"])
+        raise UserError(
+            f"{root / 'train'} and {root / 'test'} have different class folders "
+            f"(only in train: {sorted(train - test)}, only in test: {sorted(test - train)}): make them the same."
+        )
+    split, classes = next(iter(found.items()))
+    if len(classes) < 2:
+        raise UserError(
+            f"{root / split} holds {len(classes)} class folder(s) {classes}: a classifier needs at least two. "
+            f"Put each class's images in its own folder: {split}/<class>/*.png|jpg."
+        )
+    return classes
+
+
+def _class_folders(split_dir: Path) -> list[str]:
+    kind, _ = file_kind(split_dir)
+    if kind != "a folder":
+        raise UserError(
+            f"{split_dir} is {kind}: make it a folder of class folders ({split_dir.name}/<class>/*.png)."
+        )
+    entries = _visible(split_dir)
+    strays = [f"{p} ({file_kind(p)[0]})" for p in entries if file_kind(p)[0] != "a folder"]
+    if strays:
+        raise UserError(
+            f"{split_dir} must hold only class folders, but holds {_examples(strays)}: "
+            f"move images into a class folder ({split_dir.name}/<class>/x.png), anything else out."
+        )
+    return [p.name for p in entries]
+
+
+def _misplaced_images(root: Path) -> None:
+    """Refuse a folder of images laid out wrongly, which would otherwise be taken for "no data"."""
+    if not root.is_dir():
+        return
+    if root.name in SPLITS and is_image_folder(root.parent):
+        raise UserError(
+            f"{root} is the {root.name}/ folder of an image folder: point data_dir at {root.parent}."
+        )
+    for sub in _visible(root):
+        if (sub / "train").is_dir() or (sub / "test").is_dir():
+            raise UserError(
+                f"{root} holds no data itself, but {sub} holds an image folder: point data_dir at {sub}."
+            )
+        if sub.is_dir() and any(e.name.lower().endswith(IMAGE_SUFFIXES) for e in os.scandir(sub)):
+            raise UserError(
+                f"{root} holds folders of images ({sub.name}/) but no train/ or test/ folder: move the class "
+                f"folders into {root / 'train'} (train/<class>/*.png|jpg, optional test/<class>/)."
+            )
+
+
+# ---------------------------------------------------------------------------- one file
+
+
+def file_kind(path: Path) -> tuple[str, os.stat_result | None]:
+    """(what is at `path` in words: "a file" for a regular file, "a named pipe", ...; its stat)."""
+    try:
+        st = os.stat(path)  # follows links; never opens the file (a named pipe would block)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "a symbolic link loop", None
+        if os.path.islink(path):
+            return f"a broken symbolic link (to {os.readlink(path)})", None
+        return f"unreadable ({err.strerror})", None
+    kinds = [(stat.S_ISREG, "a file"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe")]
+    kinds += [(stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device")]
+    return next((name for test, name in kinds if test(st.st_mode)), "not a regular file"), st
+
+
+class BadFile(ValueError):
+    """One file that is no usable image. Files are grouped by `what`; `detail` is this file's."""
+
+    def __init__(self, kind: tuple[str, str], detail: str = "") -> None:
+        super().__init__(f"{detail}: {kind[1]}" if detail else kind[1])  # as one file's reason
+        (self.what, self.fix), self.detail = kind, detail
+
+
+NOT_REGULAR = ("are not regular files", "Replace each with a regular PNG/JPEG file, or move it out.")
+NOT_IMAGE = ("are not PNG or JPEG images", "Move them out of the image folder.")
+UNREADABLE = ("could not be read", "Make them readable (chmod a+r), or move them out.")
+CORRUPT = ("are not readable images (corrupt or truncated)", "Replace or remove them.")
+WRONG_SIZE = (
+    "are not 32x32",
+    "Training data is never resized silently: resize them to 32x32 first (prediction accepts any size).",
+)
+TOO_BIG = (
+    "are too big to decode safely",
+    f"Images over {Image.MAX_IMAGE_PIXELS:,} pixels (Pillow's guard against decompression bombs) are "
+    f"refused: shrink them first.",
+)
+BAD_MODE = (
+    "have a pixel format lit-cifar does not convert",
+    "Save them as 8- or 16-bit RGB or grayscale PNG/JPEG.",
+)
+# PIL modes turned into 8-bit RGB: by PIL's convert, or (16-bit gray) scaled to 8 bits here.
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", *SIXTEEN_BIT)
+# Decoded by torchvision (libjpeg-turbo/libpng, about 2x faster than PIL: docs/data.md) at 32x32 (all
+# that training reads); every other file by PIL. Both give the same pixels (tests/test_data.py).
+FAST = {("JPEG", m) for m in ("L", "RGB")} | {("PNG", m) for m in ("L", "LA", "P", "RGB", "RGBA")}
+
+
+def open_image(path: str | Path, size: tuple[int, int] | None = None) -> Image.Image:
+    """The image, its header read but nothing decoded yet (PIL is lazy), checked: a regular file,
+    `size` (the size it must have) or, when None, at most Image.MAX_IMAGE_PIXELS pixels, a known mode.
+    Raises BadFile."""
+    kind, st = file_kind(Path(path))
+    if kind != "a file":
+        raise BadFile(NOT_REGULAR, kind)
+    if st.st_size == 0:
+        raise BadFile(CORRUPT, "empty: 0 bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise BadFile(WRONG_SIZE if size else TOO_BIG, f"over {Image.MAX_IMAGE_PIXELS:,} pixels") from None
+    except UnidentifiedImageError:
+        raise BadFile(CORRUPT, "not an image format Pillow knows") from None
+    except OSError as err:
+        raise BadFile(UNREADABLE, err.strerror or str(err)) from None
+    w, h = img.size
+    problem = None
+    if size is not None and img.size != size:
+        problem = BadFile(WRONG_SIZE, f"{w}x{h}")
+    elif img.mode not in MODES:
+        problem = BadFile(BAD_MODE, f"mode {img.mode}")
+    if problem:
+        img.close()
+        raise problem
+    return img
+
+
+def decode(path: str | Path, size: tuple[int, int] | None = (32, 32)) -> torch.Tensor:
+    """An image file -> uint8 (3, H, W) RGB, upright (EXIF). Checked before decoding (`open_image`)."""
+    with open_image(path, size) as img:
+        return pixels(img)
+
+
+def pixels(img: Image.Image) -> torch.Tensor:
+    """An image from `open_image` -> uint8 (3, H, W) RGB: upright (EXIF), alpha dropped, 16 bits scaled
+    to 8 (the high byte, as libpng and PIL do for 16-bit RGB). Raises BadFile for a broken file."""
+    try:
+        if img.size == (32, 32) and (img.format, img.mode) in FAST:
+            x = _torchvision_decode(img.filename)
+            if x is not None:
+                return x
+        img = ImageOps.exif_transpose(img)  # decodes
+        if img.mode in SIXTEEN_BIT:
+            gray = np.asarray(img).astype(np.int64)  # (H, W)
+            if gray.min() < 0 or gray.max() > 65535:
+                raise BadFile(BAD_MODE, "mode I with values outside 0-65535")
+            rgb = np.repeat((gray >> 8).astype(np.uint8)[..., None], 3, axis=2)
+        else:
+            rgb = np.asarray(img.convert("RGB"))  # (H, W, 3) uint8
+    except BadFile:
+        raise
+    except Exception as err:  # noqa: BLE001 - decoders raise many types; all mean a broken file
+        raise BadFile(CORRUPT, str(err).splitlines()[0][:100] or type(err).__name__) from None
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+
+
+def _torchvision_decode(path: str) -> torch.Tensor | None:
+    try:
+        x = decode_image(read_file(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    except RuntimeError:  # a broken file: PIL decodes it next and says what is wrong
+        return None
+    return x if x.dtype == torch.uint8 else None  # 16-bit PNGs come back as uint16: PIL scales those
+
+
+def refuse(where: Path | str, problems: list[tuple[Path, BadFile]]) -> None:
+    """One line for the first kind of problem found: how many files, which (the first three), the fix."""
+    if not problems:
+        return
+    what, fix = problems[0][1].what, problems[0][1].fix
+    same = [f"{p} ({e.detail})" if e.detail else str(p) for p, e in problems if e.what == what]
+    others = len(problems) - len(same)
+    more = f" ({others} other file(s) have other problems.)" if others else ""
+    raise UserError(f"{len(same)} file(s) in {where} {what}: {_examples(same)}. {fix}{more}")
 
 
 def _supply_by_hand(data_dir: Path, dataset: str) -> str:
@@ -137,12 +332,17 @@ def _read_only(folder: Path) -> bool:
 
 
 def prepare(
-    data_dir: str, dataset: str = "cifar10", download: bool = True, checksums: dict[str, str] | None = None
+    data_dir: str,
+    dataset: str = "cifar10",
+    download: bool = True,
+    checksums: dict[str, str] | None = None,
+    split: str = "train",
 ) -> int:
-    """Fetch what is missing (extract a placed archive, or download one), check it, fill the cache.
+    """Fetch what is missing (extract a placed archive, or download one), check it, fill the cache
+    of `split` (train or test).
 
     Every problem with the data surfaces here, before a run writes anything else.
-    Returns the number of training images.
+    Returns the number of images in `split`.
     """
     root = _root(data_dir)
     tv = DATASETS[dataset]
@@ -152,6 +352,7 @@ def prepare(
     if not is_image_folder(root) and not (root / tv.base_folder).is_dir():
         archive = root / tv.filename
         if not archive.exists():
+            _misplaced_images(root)
             if not download:
                 where = "does not exist" if not root.exists() else f"holds no {dataset} data"
                 raise UserError(
@@ -160,9 +361,9 @@ def prepare(
                 )
             _download(root, dataset, sums)
         _extract(archive, sums)
-    key, read = _source(root, dataset, sums)
-    _JUST_PREPARED[_handoff(root, dataset, sums)] = key
-    return len(_cached(root, key, read)["train"][1])
+    key, read = _source(root, dataset, sums, split)
+    _JUST_PREPARED[_handoff(root, dataset, sums, split)] = key
+    return len(_cached(root, key, read)["y"])
 
 
 def _download(root: Path, dataset: str, checksums: dict[str, str]) -> None:
@@ -209,30 +410,45 @@ def _extract(archive: Path, checksums: dict[str, str]) -> None:
 # ---------------------------------------------------------------------------- decode (every process)
 
 
-def load(data_dir: str, dataset: str = "cifar10", checksums: dict[str, str] | None = None) -> dict:
-    """{"train": (x, y), "test": (x, y) or None, "classes": [...]}, from the cache when it is current."""
+def load(
+    data_dir: str,
+    dataset: str = "cifar10",
+    checksums: dict[str, str] | None = None,
+    splits: tuple[str, ...] = SPLITS,
+) -> dict:
+    """{split: (x, y) (None for a test split the data lack), "classes": [...]}, from the cache when current."""
     root = _root(data_dir)
     sums = expected_md5s(dataset, checksums)
-    # Lightning calls setup right after prepare_data: take the key prepare() just checked in this
-    # process instead of reading every file's size and time again (0.4 s for 50,000 images). Once only.
-    known = _JUST_PREPARED.pop(_handoff(root, dataset, sums), None)
-    return _cached(root, *_source(root, dataset, sums, known))
+    out = {}
+    for split in splits:
+        if split == "test" and not has_test(root):
+            out["test"] = None
+            continue
+        # Lightning calls setup right after prepare_data: take the key prepare() just checked in this
+        # process instead of reading every file's size and time again (0.4 s for 50,000 images). Once only.
+        known = _JUST_PREPARED.pop(_handoff(root, dataset, sums, split), None)
+        data = _cached(root, *_source(root, dataset, sums, split, known))
+        out[split], out["classes"] = (data["x"], data["y"]), data["classes"]
+    return out
 
 
 _JUST_PREPARED: dict[tuple, str] = {}
 
 
-def _handoff(root: Path, dataset: str, checksums: dict[str, str]) -> tuple:
-    return root, dataset, tuple(sorted(checksums.items()))
+def _handoff(root: Path, dataset: str, checksums: dict[str, str], split: str) -> tuple:
+    return root, dataset, tuple(sorted(checksums.items())), split
 
 
 def _source(
-    root: Path, dataset: str, checksums: dict[str, str], key: str | None = None
+    root: Path, dataset: str, checksums: dict[str, str], split: str, key: str | None = None
 ) -> tuple[str, object]:
-    """(cache key, function that reads the source) for what `root` holds."""
+    """(cache key, function that reads `split` from the source) for what `root` holds."""
     if is_image_folder(root):
-        return key or _folder_key(root), lambda: _read_folder(root)
-    return key or _batches_key(root, dataset, checksums), lambda: _read_batches(root, dataset)
+        if key:  # checked in this process by prepare(): list the files again only if the cache is gone
+            return key, lambda: _read_folder(*_list_folder(root, split))
+        listing = _list_folder(root, split)
+        return _folder_key(root, split, listing), lambda: _read_folder(*listing)
+    return key or _batches_key(root, dataset, checksums, split), lambda: _read_batches(root, dataset, split)
 
 
 def _cached(root: Path, key: str, read) -> dict:
@@ -249,16 +465,14 @@ def _cached(root: Path, key: str, read) -> dict:
 
 def _read_cache(path: Path) -> dict | None:
     """The cached data, or None when it is missing or damaged (a damaged cache is rebuilt, never trusted)."""
-    if not path.exists():
-        return None
     try:
+        if not path.exists():  # PermissionError when its folder is closed to us: no cache either
+            return None
         # mmap: pages are read when used, so a cache hit costs almost nothing until the split copies.
         data = torch.load(path, weights_only=True, mmap=True)
-        splits = [data["train"]] + ([data["test"]] if data["test"] is not None else [])
-        ok = all(
-            x.dtype == torch.uint8 and x.shape[1:] == (3, 32, 32) and y.shape == (len(x),) for x, y in splits
-        )
-        return data if ok and all(isinstance(name, str) for name in data["classes"]) else None
+        x, y, classes = data["x"], data["y"], data["classes"]
+        ok = x.dtype == torch.uint8 and x.shape[1:] == (3, 32, 32) and y.shape == (len(x),)
+        return data if ok and all(isinstance(name, str) for name in classes) else None
     except Exception:  # noqa: BLE001 - any failure to read it means the same: rebuild
         return None
 
@@ -298,27 +512,30 @@ def _cache_dirs(root: Path) -> list[Path]:
     return [user] if _read_only(root) else [root / ".lit-cifar-cache", user]
 
 
-def _folder_key(root: Path) -> str:
-    """folder-<where>-<what>: any file added, removed, renamed or rewritten changes <what>."""
-    h = hashlib.sha1(CACHE_VERSION.encode())
-    for split in ("train", "test"):
-        for dirpath, dirnames, filenames in os.walk(root / split):
-            dirnames.sort()
-            for name in sorted(filenames):
-                st = os.stat(os.path.join(dirpath, name))
-                h.update(f"{dirpath}/{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+def _folder_key(root: Path, split: str, listing: tuple) -> str:
+    """folder-<where>-<split>-<what>: any file added, removed, renamed or rewritten changes <what>."""
+    split_dir, classes, paths, _, stats = listing
+    h = hashlib.sha1(f"{CACHE_VERSION}\0{classes}".encode())
+    for path, st in zip(paths, stats, strict=True):
+        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     where = hashlib.sha1(str(root).encode()).hexdigest()[:8]
-    return f"folder-{where}-{h.hexdigest()[:16]}"
+    return f"folder-{where}-{split}-{h.hexdigest()[:16]}"
 
 
-def _batches_key(root: Path, dataset: str, checksums: dict[str, str]) -> str:
+def _batch_names(dataset: str, split: str) -> list[str]:
+    tv = DATASETS[dataset]
+    return [name for name, _ in (tv.train_list if split == "train" else tv.test_list)]
+
+
+def _batches_key(root: Path, dataset: str, checksums: dict[str, str], split: str) -> str:
     # Verifying every file is the key: the md5s themselves name the content.
     tv = DATASETS[dataset]
     folder = root / tv.base_folder
     if not folder.is_dir():
         raise UserError(f"no {dataset} data in {root}.\n" + _supply_by_hand(root, dataset))
-    names = [name for name, _ in tv.train_list + tv.test_list] + [tv.meta["filename"]]
-    for name in names:
+    names = [*_batch_names(dataset, split), tv.meta["filename"]]
+    # Every file is verified, whichever split is read: a damaged test_batch stops `fit` before it starts.
+    for name in [*_batch_names(dataset, "train"), *_batch_names(dataset, "test"), tv.meta["filename"]]:
         path = folder / name
         if not path.is_file():
             raise UserError(f"{path} is missing: copy the whole {tv.base_folder}/ folder again.")
@@ -330,97 +547,67 @@ def _batches_key(root: Path, dataset: str, checksums: dict[str, str]) -> str:
     digest = hashlib.sha1(
         f"{CACHE_VERSION}\0{dataset}".encode() + "".join(checksums[n] for n in names).encode()
     )
-    return f"{dataset}-" + digest.hexdigest()[:20]
+    return f"{dataset}-{split}-" + digest.hexdigest()[:20]
 
 
-def _read_batches(root: Path, dataset: str) -> dict:
+def _read_batches(root: Path, dataset: str, split: str) -> dict:
     tv = DATASETS[dataset]
     folder = root / tv.base_folder
-
-    def read(names: list[str]) -> Split:
-        xs, ys = [], []
-        for name in names:
-            with open(folder / name, "rb") as f:  # safe: the file passed its md5 check above
-                entry = pickle.load(f, encoding="latin1")
-            xs.append(torch.as_tensor(entry["data"], dtype=torch.uint8).reshape(-1, 3, 32, 32))
-            ys.append(torch.as_tensor(entry.get("labels", entry.get("fine_labels")), dtype=torch.int64))
-        return torch.cat(xs), torch.cat(ys)
-
+    xs, ys = [], []
+    for name in _batch_names(dataset, split):
+        with open(folder / name, "rb") as f:  # safe: the file passed its md5 check above
+            entry = pickle.load(f, encoding="latin1")
+        xs.append(torch.as_tensor(entry["data"], dtype=torch.uint8).reshape(-1, 3, 32, 32))
+        ys.append(torch.as_tensor(entry.get("labels", entry.get("fine_labels")), dtype=torch.int64))
     with open(folder / tv.meta["filename"], "rb") as f:
         classes = list(pickle.load(f, encoding="latin1")[tv.meta["key"]])
-    train = read([name for name, _ in tv.train_list])
-    test = read([name for name, _ in tv.test_list])
-    return {"train": train, "test": test, "classes": classes}
-
-
-def _read_folder(root: Path) -> dict:
-    classes = folder_classes(root / "train")
-    if not classes:
-        raise UserError(f"{root / 'train'} holds no class folders: expected train/<class>/*.png|jpg.")
-    test = None
-    if (root / "test").is_dir():
-        test_classes = folder_classes(root / "test")
-        if test_classes != classes:
-            raise UserError(
-                f"{root / 'train'} and {root / 'test'} have different class folders "
-                f"(only in train: {sorted(set(classes) - set(test_classes))}, "
-                f"only in test: {sorted(set(test_classes) - set(classes))}): make them the same."
-            )
-        test = _read_split(root / "test", classes)
-    return {"train": _read_split(root / "train", classes), "test": test, "classes": classes}
+    return {"x": torch.cat(xs), "y": torch.cat(ys), "classes": classes}
 
 
 def _examples(paths: list, n: int = 3) -> str:
     return ", ".join(str(p) for p in paths[:n]) + (f" (and {len(paths) - n} more)" if len(paths) > n else "")
 
 
-def _read_split(split_dir: Path, classes: list[str]) -> Split:
-    # Cheap checks first, so a stray file fails the run before any decoding.
-    paths, labels = [], []
+def _list_folder(root: Path, split: str) -> tuple:
+    """(split folder, classes, image paths, labels, their stats), every file checked before any decoding:
+    regular files (never a named pipe, which would block), PNG/JPEG by name, no empty class folder."""
+    split_dir = root / split
+    classes = folder_classes(root)
+    if not os.path.lexists(split_dir):
+        raise UserError(
+            f"{root} has no {split}/ folder: add {split}/<class>/*.png|jpg images, "
+            + (
+                "or run `validate` (on train/) instead."
+                if split == "test"
+                else "or, with only test/, run `lit-cifar test`: fitting and validating read train/."
+            )
+        )
+    paths, labels, stats, problems = [], [], [], []
     for label, name in enumerate(classes):
         files = _visible(split_dir / name)
         if not files:
             raise UserError(f"{split_dir / name} holds no images: add PNG/JPEG files or remove the folder.")
-        paths += files
-        labels += [label] * len(files)
-    strays = [p for p in paths if p.suffix.lower() not in IMAGE_SUFFIXES]
-    if strays:
-        raise UserError(
-            f"{len(strays)} file(s) in {split_dir} are not PNG or JPEG images: {_examples(strays)}. "
-            f"Move them out of the image folder."
-        )
+        for path in files:
+            kind, st = file_kind(path)
+            if kind != "a file":
+                nested = "; class folders hold images, not folders" if kind == "a folder" else ""
+                problems.append((path, BadFile(NOT_REGULAR, kind + nested)))
+            elif path.suffix.lower() not in IMAGE_SUFFIXES:
+                problems.append((path, BadFile(NOT_IMAGE)))
+            paths.append(path)
+            labels.append(label)
+            stats.append(st)
+    refuse(split_dir, problems)
+    return split_dir, classes, paths, labels, stats
+
+
+def _read_folder(split_dir: Path, classes: list[str], paths: list[Path], labels: list[int], stats) -> dict:
     # One thread: on 2 cores, threads made it slower (the GIL; each image is tiny). docs/data.md
-    images = [_decode(p) for p in paths]
-    broken = [p for p, img in zip(paths, images, strict=True) if img is None]
-    if broken:
-        raise UserError(
-            f"{len(broken)} file(s) in {split_dir} are not readable images (corrupt or truncated): "
-            f"{_examples(broken)}. Replace or remove them."
-        )
-    wrong = [
-        f"{p} ({img.shape[2]}x{img.shape[1]})"
-        for p, img in zip(paths, images, strict=True)
-        if img.shape[1:] != (32, 32)
-    ]
-    if wrong:
-        raise UserError(
-            f"{len(wrong)} image(s) in {split_dir} are not 32x32: {_examples(wrong)}. Training data is "
-            f"never resized silently: resize them to 32x32 first (prediction accepts any size)."
-        )
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
-
-
-def _decode(path: Path) -> torch.Tensor | None:
-    """(3, H, W) uint8 RGB (grayscale, palette and RGBA converted), or None for a file no decoder reads."""
-    try:  # torchvision's libjpeg-turbo/libpng: several times faster than PIL, the same pixels
-        img = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-        if img.dtype == torch.uint8:
-            return img
-    except Exception:  # noqa: BLE001 - PIL decides: it reads a few formats torchvision does not
-        pass
-    try:
-        with Image.open(path) as pil:
-            rgb = np.asarray(pil.convert("RGB"))  # (H, W, 3) uint8
-    except Exception:  # noqa: BLE001 - decoders raise many types; all mean a bad file
-        return None
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+    images, problems = [], []
+    for path in paths:
+        try:
+            images.append(decode(path, size=(32, 32)))
+        except BadFile as err:
+            problems.append((path, err))
+    refuse(split_dir, problems)
+    return {"x": torch.stack(images), "y": torch.tensor(labels, dtype=torch.int64), "classes": classes}

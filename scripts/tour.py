@@ -1,9 +1,9 @@
 """The seed's component tour: CIFAR-10 images through each layer kind, written to TensorBoard,
 and the seed's loss examples printed with their input and output shapes.
 
-    python scripts/tour.py --data-dir ../shared/cifar10-jpeg   # an image folder or a CIFAR-10 folder
-    python scripts/tour.py                                     # synthetic images: no data needed
-    tensorboard --logdir runs/tour                             # then open the Images tab
+    python scripts/tour.py --data-dir data      # an image or CIFAR-10 folder (e.g. train.py's ./data)
+    python scripts/tour.py                      # synthetic images: no data needed
+    tensorboard --logdir runs/tour              # then open the Images tab
 
 Images are [0, 1] pixels, as the seed's ToTensor gave them. Multi-channel outputs are shown as
 per-channel grids (one row per image, one gray tile per channel), never reshaped into fake RGB.
@@ -20,6 +20,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from lit_cifar import build_net, sources
 from lit_cifar.callbacks import channel_grid, layer_outputs
+from lit_cifar.cli import quiet_upstream_notices
 from lit_cifar.data import CIFAR10_CLASSES
 from lit_cifar.errors import UserError
 
@@ -91,31 +92,33 @@ def layer_tour(writer: SummaryWriter, x: torch.Tensor, num_classes: int) -> None
 
 
 def loss_tour(logits: torch.Tensor, labels: torch.Tensor) -> None:
-    """The seed's loss examples, each printed as: loss, input and target shapes, output shape, value."""
-    inputs, targets = torch.tensor([0.0, 1.0, 2.0]), torch.tensor([1.0, 2.0, 3.0])
+    """The seed's loss examples, then the seed net's loss on the images, each printed as: loss,
+    input and target shapes, output shape, value."""
+    output = torch.tensor([1.0, 2.0, 3.0]).reshape(1, 1, 3)  # the seed's (1, 1, 3) tensors
+    target = torch.tensor([1.0, 3.0, 5.0]).reshape(1, 1, 3)
     examples = [
-        ("L1Loss()", nn.L1Loss(), inputs, targets),
-        ("L1Loss(reduction='sum')", nn.L1Loss(reduction="sum"), inputs, targets),
-        ("MSELoss()", nn.MSELoss(), inputs, targets),
-        # one image, three classes: logits (1, 3), target class (1,)
+        ("L1Loss()", nn.L1Loss(), output, target),  # (0 + 1 + 2) / 3 = 1.0
+        ("MSELoss()", nn.MSELoss(), output, target),  # (0 + 1 + 4) / 3 = 1.6667
+        # one image, three classes: logits (1, 3), target class (1,): -0.8 + log(e^0.1 + e^0.8 + e^0.2)
         (
             "CrossEntropyLoss(), 3 classes",
             nn.CrossEntropyLoss(),
-            torch.tensor([[0.1, 0.2, 0.3]]),
+            torch.tensor([[0.1, 0.8, 0.2]]),
             torch.tensor([1]),
         ),
         ("CrossEntropyLoss(), seed net on the images", nn.CrossEntropyLoss(), logits, labels),
     ]
-    for name, loss, inp, target in examples:
-        out = loss(inp, target)
+    for name, loss, inp, tgt in examples:
+        out = loss(inp, tgt)
         print(
-            f"{name:<44} input {tuple(inp.shape)} target {tuple(target.shape)} -> {tuple(out.shape)} = {out:.4f}"
+            f"{name:<44} input {tuple(inp.shape)} target {tuple(tgt.shape)} -> {tuple(out.shape)} = {out:.4f}"
         )
 
 
 def main(args: argparse.Namespace) -> None:
     if args.num_images < 1:
         sys.exit("error: --num-images must be at least 1.")
+    quiet_upstream_notices()  # add_graph's torch.jit deprecation notices
     torch.manual_seed(0)  # the layers' random weights: the same pictures every run
     try:
         x, labels, classes = load_images(args.data_dir, args.num_images)

@@ -1,5 +1,11 @@
-"""The core: network, module, data module, both entry points, checkpoints, the split."""
+"""The core: network, module, data module, both entry points, checkpoints, the split, and what a
+newcomer meets first (the summary line, quiet runs, the flags named in messages, the tour)."""
 
+import ast
+import importlib.util
+import math
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +20,33 @@ from lit_cifar import CIFARClassifier, CIFARDataModule, build_net
 from lit_cifar.data import split_indices
 
 REPO = Path(__file__).resolve().parents[1]
+# The line both `scripts/train.py` and `lit-cifar fit` end with.
+SUMMARY = re.compile(r"(test|val)/acc (\S+) \| best checkpoint: (.+) \| logs: (.+)")
+# What a newcomer reads as an error: a Python warning's "file.py:123: ", tracebacks, adverts.
+LOOKS_LIKE_AN_ERROR = re.compile(r"\.py:\d+: |warn|deprecat|traceback|error|tip:", re.IGNORECASE)
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def summary_accuracy(stdout: str, metric: str) -> float:
+    """The accuracy on the summary line (the last line), which must be a number in [0, 1]."""
+    match = SUMMARY.fullmatch(stdout.strip().splitlines()[-1])
+    assert match and match[1] == metric.split("/")[0], stdout[-1000:]
+    value = float(match[2])
+    assert math.isfinite(value) and 0 <= value <= 1, match[0]
+    return value
+
+
+def exit_message(fn, *args) -> str:
+    with pytest.raises(SystemExit) as exc:
+        fn(*args)
+    assert isinstance(exc.value.code, str), exc.value.code
+    return exc.value.code
 
 
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -66,6 +99,7 @@ def test_split_is_seeded_disjoint_and_complete():
     assert len(split_indices(60, 6, seed=0)[1]) == 6  # a count works as well as a fraction
 
 
+@pytest.mark.slow  # a real process: ~15 s of start-up
 @pytest.mark.parametrize("source", ["image_folder", "batches"])
 def test_train_script_fast_dev_run(source, request):
     data = request.getfixturevalue(source)
@@ -83,8 +117,11 @@ def test_train_script_fast_dev_run(source, request):
     if isinstance(data, tuple):  # the tests' own pickles: give their checksums, verification stays on
         md5s = data[1]
         args += ["--config", write_checksum_config(md5s)]
-    out = run(*args).stdout
-    assert "test/acc" in out
+    proc = run(*args)
+    summary_accuracy(proc.stdout, "test/acc")
+    assert proc.stdout.strip().endswith("| best checkpoint: (none saved) | logs: (none written)")
+    assert not [line for line in proc.stderr.splitlines() if LOOKS_LIKE_AN_ERROR.search(line)], proc.stderr
+    assert not Path("checkpoints").exists() and not Path("lightning_logs").exists()  # a check writes nothing
 
 
 def write_checksum_config(md5s: dict[str, str]) -> str:
@@ -93,6 +130,7 @@ def write_checksum_config(md5s: dict[str, str]) -> str:
     return str(path)
 
 
+@pytest.mark.slow  # a real process: ~15 s of start-up
 @pytest.mark.parametrize("source", ["image_folder", "batches"])
 def test_cli_fast_dev_run(source, request):
     data = request.getfixturevalue(source)
@@ -106,11 +144,12 @@ def test_cli_fast_dev_run(source, request):
     ]
     if isinstance(data, tuple):
         args.append(f"--config={write_checksum_config(data[1])}")
-    run(*args)
+    summary_accuracy(run(*args).stdout, "val/acc")  # the same line as scripts/train.py's
 
 
-def test_train_script_one_epoch_writes_logs_and_checkpoint(image_folder):
-    out = run(
+@pytest.mark.slow  # a real process: ~15 s of start-up
+def test_train_script_one_epoch_writes_logs_and_checkpoint_and_prints_nothing_like_an_error(image_folder):
+    proc = run(
         sys.executable,
         str(REPO / "scripts/train.py"),
         "--accelerator",
@@ -119,9 +158,13 @@ def test_train_script_one_epoch_writes_logs_and_checkpoint(image_folder):
         str(image_folder),
         "--max-epochs",
         "1",
-    ).stdout
-    summary = out.strip().splitlines()[-1]
-    assert summary.startswith("test/acc ") and "best checkpoint: " in summary
+        "--trainer.log_every_n_steps",  # the tiny set has one batch: no "fewer batches than" advice
+        "1",
+    )
+    # no args-and-argv warning, no Tip adverts, no torch.jit notices from the graph, no warnings
+    assert not [line for line in proc.stderr.splitlines() if LOOKS_LIKE_AN_ERROR.search(line)], proc.stderr
+    summary_accuracy(proc.stdout, "test/acc")
+    assert "best checkpoint: ./lightning_logs/version_0/checkpoints/epoch00" in proc.stdout
     log_dir = Path("lightning_logs/version_0")
     tags = scalar_tags(log_dir)
     assert any(t.startswith("train/loss") for t in tags) and "val/acc" in tags, tags
@@ -129,6 +172,7 @@ def test_train_script_one_epoch_writes_logs_and_checkpoint(image_folder):
     assert (log_dir / "checkpoints/last.ckpt").exists()
 
 
+@pytest.mark.slow  # a real process: ~15 s of start-up
 def test_print_config_round_trips(image_folder):
     printed = run("lit-cifar", "fit", "--print_config").stdout
     Path("printed.yaml").write_text(printed)
@@ -162,3 +206,105 @@ def test_checkpoint_round_trip_needs_no_arguments(image_folder):
     x = torch.randn(4, 3, 32, 32)
     model.eval(), loaded.eval()
     assert torch.allclose(model(x), loaded(x))
+
+
+def test_tour_prints_the_seed_loss_examples(capsys):
+    tour = load_script("tour")
+    tour.main(tour.get_args_parser().parse_args(["--num-images", "2", "--log-dir", "tour"]))
+    values = dict(re.findall(r"^(.+?) +input .* = (\d+\.\d+)$", capsys.readouterr().out, re.MULTILINE))
+    # output [1, 2, 3], target [1, 3, 5], both (1, 1, 3); logits [[0.1, 0.8, 0.2]], class 1
+    assert values["L1Loss()"] == "1.0000" and values["MSELoss()"] == "1.6667"
+    assert values["CrossEntropyLoss(), 3 classes"] == "0.7156"
+
+
+def test_train_help_imports_neither_torch_nor_lightning_and_shows_the_classes_defaults():
+    code = (
+        "import runpy, sys; sys.argv = ['train.py', '--help']\n"
+        f"try: runpy.run_path({str(REPO / 'scripts/train.py')!r}, run_name='__main__')\n"
+        "except SystemExit: pass\n"
+        "print(sorted({'torch', 'lightning'} & set(sys.modules)))"
+    )
+    out = run(sys.executable, "-c", code).stdout
+    assert out.strip().endswith("[]"), out[-300:]
+    help = " ".join(out.split())
+    # read from CIFARDataModule, lit_cifar/cli.py's TRAINER_DEFAULTS and Lightning's Trainer
+    assert "--data-dir DATA_DIR data.data_dir (default: data)" in help
+    assert "trainer.max_epochs (default: 20)" in help and "trainer.accelerator (default: auto)" in help
+    assert "--limit-batches N" in help and "trainer.max_steps (default: -1)" in help
+
+
+def test_train_messages_suggest_flags_train_py_accepts(image_folder, tmp_path):
+    """Without --data-dir the data is looked for (and downloaded) in ./data, inside the working
+    folder; and each flag a message suggests is one scripts/train.py takes."""
+    train = load_script("train")
+    messages = [
+        exit_message(train.main, train.parse_args(["--accelerator", "cpu", "--data.download", "false"])),
+        exit_message(train.main, train.parse_args(["--data-dir", str(image_folder), "--resume"])),
+    ]
+    assert f"data_dir {tmp_path / 'data'} " in messages[0], messages[0]
+    assert "--resume" in messages[1] and "--default-root-dir" in messages[1]
+    if not torch.cuda.is_available():
+        message = exit_message(train.main, train.parse_args(["--accelerator", "gpu"]))
+        assert "use --accelerator cpu" in message
+        messages.append(message)
+    for message in messages:
+        assert "--trainer." not in message and "--ckpt_path" not in message, message
+        for flag, value in re.findall(r"(--[\w.-]*\w)(?: (\w+))?", message):
+            train.parse_args([flag, value or "1"])  # an unknown flag would exit
+
+
+def test_train_short_trial_flags(image_folder):
+    train = load_script("train")
+    flags = [
+        "--accelerator",
+        "cpu",
+        "--data-dir",
+        str(image_folder),
+        "--batch-size",
+        "8",
+        "--max-epochs",
+        "3",
+    ]
+    train.main(train.parse_args([*flags, "--limit-batches", "2", "--max-steps", "5"]))
+    ckpt = torch.load("lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
+    # 54 training images are 7 batches of 8. With the limit, epochs 0 and 1 take 2 steps each and
+    # max_steps stops epoch 2 after its first (the checkpoint counts it as done): without, 5 steps of epoch 0.
+    assert (ckpt["global_step"], ckpt["epoch"]) == (5, 3)
+
+
+def test_from_seed_cites_names_that_exist():
+    """docs/from_seed.md's `path.py:Name.attr`: ours in the repository, Lightning's in its package."""
+    lightning = Path(importlib.util.find_spec("lightning").submodule_search_locations[0]) / "pytorch"
+    cited = re.findall(r"`([\w/]+\.py):([\w.]+)`", (REPO / "docs/from_seed.md").read_text())
+    assert len(cited) >= 20
+    for path, name in cited:
+        nodes = ast.parse((REPO / path if (REPO / path).exists() else lightning / path).read_text()).body
+        for part in name.split("."):
+            node = next((n for n in nodes if part in _names_defined(n)), None)
+            assert node is not None, f"docs/from_seed.md cites {path}:{name}, which does not exist"
+            nodes = getattr(node, "body", [])
+
+
+def _names_defined(node: ast.stmt) -> set[str]:
+    if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+        return {node.name}
+    return {t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)}
+
+
+def test_readme_quick_start_is_what_ci_runs_and_its_train_commands_parse():
+    readme = (REPO / "README.md").read_text()
+    quick = readme.split("## Quick start", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = [line.split("#")[0].strip() for line in quick.splitlines()]
+    ci = (REPO / ".ci/run").read_text().splitlines()
+    install = next(c for c in commands if c.startswith("pip install"))
+    assert f"python -m {install}" in ci and "python -m pytest" in commands and "python -m pytest" in ci
+    # the CPU-only install asks for the torch versions pyproject.toml allows
+    cpu_install = re.search(r'pip install "torch(<=[\d.]+)" "torchvision(<=[\d.]+)" --index-url', readme)
+    pyproject = (REPO / "pyproject.toml").read_text()
+    for name, bound in zip(("torch", "torchvision"), cpu_install.groups(), strict=True):
+        assert re.search(rf'"{name}>=[\d.]+,{re.escape(bound)}"', pyproject), (name, bound)
+    train = load_script("train")
+    examples = re.findall(r"^python scripts/train\.py([^#`\n]*)", readme, re.MULTILINE)
+    assert len(examples) >= 5
+    for flags in examples:
+        train.parse_args(shlex.split(flags))  # an unknown flag exits

@@ -368,6 +368,7 @@ def test_any_prefix_of_val_and_test_covers_the_classes(image_folder, fast):
         torch.manual_seed(seed)  # the training seed: no part in the evaluation order
         dm = CIFARDataModule(str(image_folder), val_size=12, batch_size=4, fast=fast)  # files in class order
         dm.setup("fit")
+        dm.setup("test")  # each stage reads its own split
         dm.trainer = fake_trainer()
         return [[y for _, y in loader] for loader in (dm.val_dataloader(), dm.test_dataloader())]
 
