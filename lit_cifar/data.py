@@ -100,6 +100,7 @@ class CIFARDataModule(L.LightningDataModule):
         self._classes: list[str] | None = None  # known for sure once setup() read the files
         self._train_loader: TensorLoader | None = None
         self._train_state: dict | None = None  # a resumed run's place in the training data
+        self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # see normalization()
 
     # ------------------------------------------------------------------ what the model needs to know
 
@@ -141,6 +142,8 @@ class CIFARDataModule(L.LightningDataModule):
                 split_indices(n, hp.val_size, hp.split_seed)
 
     def setup(self, stage: str) -> None:
+        if self.trainer is not None:  # the constants reach the device now, before any step
+            self.normalization(self.trainer.strategy.root_device)
         # Only the split this stage reads is decoded: testing never touches train/ (val is cut from train).
         split = "test" if stage == "test" else "train"
         if stage == "predict" or split in self.data:
@@ -199,9 +202,18 @@ class CIFARDataModule(L.LightningDataModule):
         """uint8 (B, 3, H, W) -> float32 in [0, 1], normalized when `normalize` is on."""
         x = x.float().div_(255)
         if self.hparams.normalize:
-            mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in self.mean_std)
-            x = (x - mean) / std
+            mean, std = self.normalization(x.device)
+            x = x.sub_(mean).div_(std)
         return x
+
+    def normalization(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, 3, 1, 1) mean and std on `device`, made once per device and kept: made in every
+        step, their copy to a GPU would wait for it (a host-device sync per batch)."""
+        if device not in self._constants:
+            self._constants[device] = tuple(
+                torch.tensor(v, device=device).view(1, 3, 1, 1) for v in self.mean_std
+            )
+        return self._constants[device]
 
     # ------------------------------------------------------------------ loaders
 

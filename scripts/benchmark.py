@@ -1,13 +1,15 @@
-"""Training throughput, side by side: the seed's loop, our fast data path, our Lightning run, the bare step.
+"""Training throughput in one process: the seed's loop, our fast data path, our Lightning run, the bare step.
 
     python scripts/benchmark.py                                  # synthetic CIFAR-shaped data, CPU
-    python scripts/benchmark.py --data-dir ../shared/cifar10-jpeg --rounds 5
+    python scripts/benchmark.py --data-dir ../shared/cifar10-jpeg --rounds 10 --steps 30
     python scripts/benchmark.py --device cuda --batch-size 512 --precision bf16-mixed --compile
-    python scripts/benchmark.py --cli --data-dir ../shared/cifar10-jpeg    # the real commands, end to end
-    python scripts/benchmark.py --recipe configs/seed.yaml --data-dir DIR --device cuda  # one full run
+    python scripts/benchmark.py --data-dir DIR --only a --steps 450   # the seed's loop alone, then exit
 
 In one process, on one device, with the same net, batch size and precision:
-  (a) the seed's loop: plain PyTorch over torchvision's per-sample DataLoader (PIL -> ToTensor),
+  (a) the seed's loop as the seed ran it: the training images in memory as one uint8 array
+      (N, 32, 32, 3), as torchvision's CIFAR10 holds them; per sample PIL.Image.fromarray ->
+      ToTensor(); DataLoader(batch_size, shuffle=True); AdamW(lr 1e-3, weight decay 1e-4),
+      CrossEntropyLoss, the running loss read every step; contiguous tensors, no compile,
   (b) a plain PyTorch loop over our fast data path (TensorLoader + random_crop_flip + normalize),
   (c) our Lightning training: CIFARClassifier + CIFARDataModule through L.Trainer, project defaults,
   (d) the limit: the bare training step repeated on one batch already in memory, in each memory
@@ -16,16 +18,9 @@ Everything runs inside one Trainer.fit of (c): each round times a window of its 
 callback runs one window of a, b and d, so the paths alternate within seconds and share the
 machine's noise. A window is --warmup untimed steps, then --steps timed ones (images/s, device
 synced at both ends). Ratios are the median over rounds of each round's ratio; rounds in which
-other processes used the CPU are left out (--max-others). (a) is the seed as written: contiguous
-tensors, no compile, plain AdamW, `loss.item()` every step; --channels-last and --compile apply to
-b, c, d. On CUDA one more window of (c) counts its host-device syncs.
-
---cli times the commands users run, each in its own process: `lit-cifar fit` (validation off) vs the
-seed loop. Each runs for two step counts; images/s = extra images / extra wall time, which cancels
-start-up (imports, data loading, model summary) exactly; start-up is the rest.
-
---recipe trains one config (a LightningCLI YAML's model/data/trainer sections, plus --set overrides)
-through the same classes (no jsonargparse needed), and reports fit time, training time and val accuracy.
+other processes used the CPU are left out (--max-others). --channels-last and --compile apply to
+b, c, d. On CUDA one more window of (c) counts its host-device syncs. The commands as users run
+them, each in its own process, are timed by scripts/speed_e2e.py.
 """
 
 import argparse
@@ -36,8 +31,6 @@ import math
 import os
 import pickle
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import warnings
@@ -46,35 +39,24 @@ from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
-import lightning as L
 import torch
-import yaml
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.cli import instantiate_class
+from lightning.pytorch.callbacks import Callback
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
-from torchvision.datasets import ImageFolder
 
 from lit_cifar import sources
-from lit_cifar.callbacks import TensorBoardDashboard
-from lit_cifar.cli import (
-    CHECKPOINT_DEFAULTS,
-    LAST_CHECKPOINT_DEFAULTS,
-    PROGRESS_BAR_REFRESH_RATE,
-    TRAINER_DEFAULTS,
-)
+from lit_cifar.cli import LitCifarCLI
 from lit_cifar.data import CIFARDataModule, TensorLoader, random_crop_flip
 from lit_cifar.errors import ArgumentParser, UserError, boundary
-from lit_cifar.guards import DivergenceGuard
 from lit_cifar.module import CIFARClassifier
 from lit_cifar.nets import build_net
 
 PATHS = {
     "a": "seed loop: DataLoader, PIL -> ToTensor",
     "b": "plain loop, fast data path",
-    "c": "Lightning: CIFARClassifier + DataModule",
+    "c": "lit-cifar fit's classes, in-process",
     "d_cl": "bare step, one batch, channels_last",
     "d_nchw": "bare step, one batch, contiguous",
 }
@@ -110,16 +92,15 @@ def get_args_parser() -> argparse.ArgumentParser:
         action="extend",
         default=[],
         metavar="KEY=VALUE",
-        help="model.*, data.* (and, for --recipe, trainer.*) settings, values in YAML, e.g. data.augment=false",
+        help="model.* and data.* settings for b, c, d, values in YAML, e.g. data.augment=false",
     )
-    parser.add_argument("--seed-workers", type=int, default=0, help="DataLoader workers of the seed loop")
-    parser.add_argument("--cli", action="store_true", help="time the real commands end to end instead")
     parser.add_argument(
-        "--cli-steps", type=int, nargs=2, default=[100, 400], metavar=("N1", "N2"), help="--cli step counts"
+        "--only",
+        choices=["a"],
+        help="a: run the seed's loop alone for --steps steps (no warm-up, no timing) and exit, "
+        "as the seed's own script would (scripts/speed_e2e.py times it as a process)",
     )
-    parser.add_argument("--recipe", help="a YAML config: train it once and report time and val accuracy")
     parser.add_argument("--out", help="also write the results as JSON to this file")
-    parser.add_argument("--seed-loop-steps", type=int, help=argparse.SUPPRESS)  # --cli's seed process
     return parser
 
 
@@ -145,7 +126,9 @@ def synthetic_data(root: Path, n: int = 50_000) -> dict[str, str]:
 
 
 class PILArrays(Dataset):
-    """What torchvision's CIFAR10 dataset does per sample: HWC uint8 -> PIL image -> transform."""
+    """What torchvision's CIFAR10 dataset does per sample: HWC uint8 -> PIL image -> transform.
+
+    CIFAR10 keeps its pickles' (N, 3, 32, 32) array as a transposed (N, 32, 32, 3) view, as here."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform) -> None:
         self.images = images.permute(0, 2, 3, 1).numpy()  # (N, 32, 32, 3)
@@ -159,9 +142,8 @@ class PILArrays(Dataset):
 
 
 def seed_dataset(data_dir: str, checksums: dict[str, str] | None) -> Dataset:
-    """The training set as a seed user loads it: torchvision, one PIL image at a time, ToTensor."""
-    if sources.is_image_folder(data_dir):
-        return ImageFolder(str(Path(data_dir) / "train"), transform=transforms.ToTensor())
+    """The whole training set as the seed loads it (torchvision's CIFAR10): decoded once, in memory,
+    one PIL image at a time through ToTensor. (From an image folder: its decoded cache.)"""
     x, y = sources.load(data_dir, "cifar10", checksums)["train"]
     return PILArrays(x, y, transforms.ToTensor())
 
@@ -324,104 +306,44 @@ class Rounds(Callback):
             )  # fmt: skip
 
 
-def trainer_defaults(log_dir: str) -> dict:
-    """The project's Trainer defaults (lit_cifar/cli.py), instantiated, the logger writing under log_dir."""
-    kwargs = dict(TRAINER_DEFAULTS)
-    for key, value in kwargs.items():
-        if isinstance(value, dict) and "class_path" in value:
-            init = {**value, "init_args": {**value.get("init_args", {})}}
-            if "save_dir" in init["init_args"]:
-                init["init_args"]["save_dir"] = log_dir
-            kwargs[key] = instantiate_class((), init)
-        elif isinstance(value, list):
-            kwargs[key] = [instantiate_class((), v) for v in value]
-    kwargs["callbacks"] = [TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_RATE)]  # the CLI's bar
-    return kwargs
-
-
-def lightning_rounds(
-    bench: Bench, model: CIFARClassifier, dm: CIFARDataModule, precision: str, log_dir: str, rounds: Rounds
-) -> dict | None:
-    """(c) One Trainer.fit with the project's defaults (validation and checkpointing off, as when
-    timing the CLI), long enough for every round; returns the syncs counted on CUDA."""
-    kwargs = trainer_defaults(log_dir)
-    kwargs.pop("max_epochs", None)  # max_steps alone ends the run
-    # the CLI's per-step callbacks (not its checkpoints: off, nor its dashboard: validation only)
-    kwargs["callbacks"] += [LearningRateMonitor(), DivergenceGuard(), rounds]
-    trainer = L.Trainer(
-        **kwargs,
-        accelerator=bench.device.type,
-        devices=1,
-        precision=precision,
-        max_steps=(rounds.rounds + rounds.count_syncs) * (bench.warmup + bench.steps),
-        limit_val_batches=0,
-        enable_checkpointing=False,
-    )
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer.fit(model, datamodule=dm)
-    if not rounds.count_syncs:
-        return None
-    where = Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
-    return {"steps": bench.steps, "total": sum(where.values()), "where": dict(where.most_common(8))}
-
-
-# ---------------------------------------------------------------------------- the modes
-
-
-def parse_sets(pairs: list[str]) -> dict[str, dict]:
-    """["model.lr=0.01", "data.augment=false"] -> {"model": {"lr": 0.01}, "data": {"augment": False}}."""
-    out: dict[str, dict] = {"model": {}, "data": {}, "trainer": {}}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        section, _, name = key.partition(".")
-        if not sep or section not in out or not name:
-            raise UserError(
-                f"--set {pair!r}: expected model.NAME=VALUE, data.NAME=VALUE or trainer.NAME=VALUE."
-            )
-        out[section][name] = _number(value) if _number(value) is not None else yaml.safe_load(value)
-    return out
-
-
-def _number(text: str) -> int | float | None:
-    """A number when the text is one: 4e-3 -> 0.004 (PyYAML, following YAML 1.1, reads a string)."""
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return None
-
-
-def build(args: argparse.Namespace, data_dir: str, checksums: dict | None, sets: dict):
-    """The data module (set up) and model kwargs shared by b, c, d (and --recipe)."""
-    dm = CIFARDataModule(data_dir=data_dir, batch_size=args.batch_size, checksums=checksums, **sets["data"])
-    dm.prepare_data()
-    dm.setup("fit")
-    model_kwargs = {**sets["model"], "num_classes": dm.num_classes}
+def lit_cifar_fit(args: argparse.Namespace, data_dir: str, checksums: dict | None, log_dir: str, steps: int):
+    """(c) is `lit-cifar fit` itself: the CLI's own classes (its Trainer defaults, logger, checkpoint
+    callbacks, dashboard, guard, progress bar), built without running; validation off."""
+    cli_args = [
+        "--data.data_dir", data_dir,
+        "--data.batch_size", str(args.batch_size),
+        "--trainer.accelerator", args.device,
+        "--trainer.devices", "1",
+        "--trainer.precision", args.precision,
+        "--trainer.max_steps", str(steps),
+        "--trainer.max_epochs", "-1",
+        "--trainer.limit_val_batches", "0",
+        "--trainer.default_root_dir", log_dir,
+        *[f"--{pair}" for pair in args.set],  # model.NAME=VALUE, data.NAME=VALUE
+    ]  # fmt: skip
+    if checksums:
+        cli_args += ["--data.checksums", json.dumps(checksums)]
     if args.channels_last is not None:
-        model_kwargs["channels_last"] = args.channels_last
+        cli_args += ["--model.channels_last", str(args.channels_last).lower()]
     if args.compile:
-        model_kwargs["compile"] = True
-    return dm, model_kwargs
-
-
-def new_model(model_kwargs: dict, device: torch.device, **overrides) -> CIFARClassifier:
-    model = CIFARClassifier(**{**model_kwargs, **overrides}).to(device)
-    model.configure_model()
-    return model
+        cli_args += ["--model.compile", "true"]
+    return LitCifarCLI(args=cli_args, run=False)
 
 
 def benchmark(args: argparse.Namespace, data_dir: str, checksums: dict | None, log_dir: str) -> dict:
     """Rounds of c, a, b, d in turn; returns {"speeds": {path: [img/s per round]}, "ratios": ...}."""
-    bench, sets = Bench(args), parse_sets(args.set)
-    dm, model_kwargs = build(args, data_dir, checksums, sets)
-    x, y = (t.to(bench.device) for t in dm.data["train"])
-    loader = DataLoader(
-        seed_dataset(data_dir, checksums), args.batch_size, shuffle=True, num_workers=args.seed_workers
+    bench = Bench(args)
+    count_syncs = bench.device.type == "cuda"
+    cli = lit_cifar_fit(
+        args, data_dir, checksums, log_dir, (args.rounds + count_syncs) * (args.warmup + args.steps)
     )
-    seed_net = build_net(model_kwargs.get("net", "seed"), dm.num_classes).to(bench.device)
-    ours = new_model(model_kwargs, bench.device)  # b and c train the same module
+    ours, dm = cli.model, cli.datamodule  # b and c train the same module
+    dm.prepare_data()
+    dm.setup("fit")
+    ours.to(bench.device).configure_model()
+    x, y = (t.to(bench.device) for t in dm.data["train"])
+    loader = DataLoader(seed_dataset(data_dir, checksums), args.batch_size, shuffle=True)
+    seed_net = build_net("seed", dm.num_classes).to(bench.device)
     channels_last = ours.hparams.channels_last
     # d: one batch as b makes it, in each memory format; the model in b/c's format is reused.
     # Compiled, only that one: a second compiled copy would cost as long again to compile.
@@ -429,7 +351,13 @@ def benchmark(args: argparse.Namespace, data_dir: str, checksums: dict | None, l
     bare = {}
     formats = (("d_cl", True), ("d_nchw", False))
     for name, fmt in [f for f in formats if not args.compile or f[1] == channels_last]:
-        model = ours if fmt == channels_last else new_model(model_kwargs, bench.device, channels_last=fmt)
+        model = ours
+        if fmt != channels_last:
+            kwargs = {
+                k: v for k, v in ours.hparams.items() if not k.startswith("_")
+            }  # not the CLI's _instantiator
+            model = CIFARClassifier(**{**kwargs, "channels_last": fmt}).to(bench.device)
+            model.configure_model()
         memory_format = torch.channels_last if fmt else torch.contiguous_format
         bare[name] = (model, (batch[0].contiguous(memory_format=memory_format), batch[1]))
     others = {
@@ -442,8 +370,15 @@ def benchmark(args: argparse.Namespace, data_dir: str, checksums: dict | None, l
             for name, (model, b) in bare.items()
         },
     }
-    rounds = Rounds(bench, others, args.rounds, count_syncs=bench.device.type == "cuda")
-    syncs = lightning_rounds(bench, ours, dm, args.precision, log_dir, rounds)
+    rounds = Rounds(bench, others, args.rounds, count_syncs)
+    cli.trainer.callbacks.append(rounds)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli.trainer.fit(ours, datamodule=dm)
+    syncs = None
+    if count_syncs:
+        where = Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+        syncs = {"steps": bench.steps, "total": sum(where.values()), "where": dict(where.most_common(8))}
     speeds, others = rounds.speeds, rounds.others_cores
     # Rounds in which other processes took CPU time are left out (all kept if none is quiet).
     quiet = [r for r, cores in enumerate(others) if not cores > args.max_others]
@@ -507,188 +442,29 @@ def _device_name(device: str) -> str:
     return "cpu"
 
 
-def seed_loop_only(args: argparse.Namespace) -> None:
-    """--cli's seed process: the seed loop for exactly --seed-loop-steps steps, then exit."""
+def seed_only(args: argparse.Namespace, data_dir: str, checksums: dict | None) -> None:
+    """--only a: the seed's loop for --steps steps, nothing else (its start-up included)."""
     bench = Bench(args)
-    bench.warmup, bench.steps = 0, args.seed_loop_steps
-    dataset = seed_dataset(args.data_dir, None)
-    loader = DataLoader(dataset, args.batch_size, shuffle=True, num_workers=args.seed_workers)
-    num_classes = len(getattr(dataset, "classes", range(10)))  # an image folder brings its own
-    seed_loop(bench, loader, build_net("seed", num_classes).to(bench.device))
-
-
-def cli_benchmark(args: argparse.Namespace) -> dict:
-    """The real commands, each in its own process, at two step counts; alternating, --rounds times."""
-    if not args.data_dir:
-        raise UserError("--cli times `lit-cifar fit` on a real folder: give --data-dir.")
-    data_dir = str(Path(args.data_dir).resolve())  # the commands run in a temporary folder
-    common = ["--batch-size", str(args.batch_size), "--precision", args.precision, "--device", args.device]
-
-    def seed_cmd(n: int) -> list[str]:
-        return [sys.executable, __file__, "--data-dir", data_dir, *common, "--seed-loop-steps", str(n)]
-
-    def lit_cmd(n: int) -> list[str]:
-        return [
-            sys.executable, "-m", "lit_cifar.cli", "fit",  # the `lit-cifar` command, same interpreter
-            "--data.data_dir", data_dir,
-            "--data.batch_size", str(args.batch_size),
-            "--trainer.precision", args.precision,
-            "--trainer.accelerator", args.device,
-            "--trainer.devices", "1",
-            "--trainer.limit_val_batches", "0",
-            "--trainer.max_steps", str(n),
-        ]  # fmt: skip
-
-    cmds = {"a": seed_cmd, "c": lit_cmd}
-    n1, n2 = args.cli_steps
-    walls: dict[str, dict[int, list[float]]] = {k: {n: [] for n in args.cli_steps} for k in cmds}
-    others: list[float] = []  # CPU cores other processes used, per round
-    with tempfile.TemporaryDirectory() as cwd:  # lit-cifar's logs and checkpoints land here
-        for r in range(args.rounds):
-            load = OthersLoad()
-            for n in args.cli_steps:
-                for name, cmd in cmds.items():
-                    start = time.perf_counter()
-                    proc = subprocess.run(cmd(n), cwd=cwd, capture_output=True, text=True)
-                    walls[name][n].append(time.perf_counter() - start)
-                    if proc.returncode:
-                        raise UserError(f"{' '.join(cmd(n))} failed:\n{proc.stderr[-2000:]}")
-            others.append(load.cores())
-            print(f"round {r + 1}/{args.rounds}: " + ", ".join(
-                f"{k} {n} steps {v[n][-1]:.1f} s" for k, v in walls.items() for n in args.cli_steps
-            ) + f" | other processes: {others[-1]:.2f} cores")  # fmt: skip
-    # Per round: images/s = extra images / extra wall time (start-up cancels); medians over quiet rounds.
-    kept = [r for r, cores in enumerate(others) if not cores > args.max_others]
-    if not kept:
-        print(f"NOISY: other processes used over {args.max_others} cores in every round: all rounds kept")
-        kept = list(range(args.rounds))
-    speeds = {
-        name: [(n2 - n1) * args.batch_size / (w[n2][r] - w[n1][r]) for r in range(args.rounds)]
-        for name, w in walls.items()
-    }
-    result = {"others_cores": others, "kept_rounds": kept}
-    for name, w in walls.items():
-        speed = statistics.median(speeds[name][r] for r in kept)
-        startup = statistics.median(w[n1][r] for r in kept) - n1 * args.batch_size / speed
-        result[name] = {"walls": w, "speeds": speeds[name], "images_per_s": speed, "startup_s": startup}
-    result["c/a"] = statistics.median(speeds["c"][r] / speeds["a"][r] for r in kept)
-    print(
-        f"\nend to end, device {args.device} ({_device_name(args.device)}) | {args.data_dir} | batch "
-        f"{args.batch_size} | precision {args.precision} | runs at {n1} and {n2} steps, median of {len(kept)} "
-        f"of {args.rounds} rounds (other processes below {args.max_others} cores)"
-    )
-    print(f"{'command':<58}{'img/s':>10}{'start-up s':>12}")
-    for name, label in (("a", "seed loop (its own process)"), ("c", "lit-cifar fit, validation off")):
-        print(f"({name}) {label:<54}{result[name]['images_per_s']:>10.0f}{result[name]['startup_s']:>12.1f}")
-    print(
-        f"ratio c/a {result['c/a']:.2f}, median of the rounds' ratios   (img/s = {(n2 - n1) * args.batch_size} "
-        f"images / wall-time difference)"
-    )
-    return result
-
-
-class EpochTimes(Callback):
-    """Wall time of each training epoch's batches (validation excluded, device synced) and the
-    val/acc after each epoch."""
-
-    def __init__(self, bench: Bench) -> None:
-        self.bench, self.start, self.train_s, self.val_acc = bench, None, [], []
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self.bench.sync()
-        self.start = time.perf_counter()
-
-    def _stop(self) -> None:
-        if self.start is not None:
-            self.bench.sync()
-            self.train_s.append(time.perf_counter() - self.start)
-            self.start = None
-
-    def on_validation_start(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking:
-            self._stop()
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking:  # the epoch's metrics are computed by now
-            self.val_acc.append(float(trainer.callback_metrics["val/acc"]))
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._stop()
-
-
-def recipe(args: argparse.Namespace, data_dir: str, checksums: dict | None, log_dir: str) -> dict:
-    """Train one config as the CLI would (its logger and callbacks) and time it."""
-    config = yaml.safe_load(Path(args.recipe).read_text()) or {}
-    sets = parse_sets(args.set)
-    for section in sets:
-        sets[section] = {**(config.get(section) or {}), **sets[section]}
-    bench = Bench(args)
-    args.batch_size = sets["data"].pop("batch_size", args.batch_size)
-    dm, model_kwargs = build(args, data_dir, checksums, sets)
-    model = CIFARClassifier(**model_kwargs, class_names=dm.classes)
-    epochs = EpochTimes(bench)
-    kwargs = trainer_defaults(log_dir)
-    # the callbacks the CLI adds (lit_cifar/cli.py), with their defaults
-    kwargs["callbacks"] += [
-        ModelCheckpoint(**CHECKPOINT_DEFAULTS),
-        ModelCheckpoint(**LAST_CHECKPOINT_DEFAULTS),
-        LearningRateMonitor(),
-        DivergenceGuard(),
-        TensorBoardDashboard(),
-        epochs,
-    ]
-    kwargs.update(sets["trainer"])
-    kwargs.setdefault("precision", args.precision)
-    L.seed_everything(0, verbose=False)
-    trainer = L.Trainer(**kwargs, accelerator=bench.device.type, devices=1)
-    start = time.perf_counter()
-    trainer.fit(model, datamodule=dm)
-    fit_s = time.perf_counter() - start
-    result = {
-        "recipe": args.recipe,
-        "settings": {k: v for k, v in sets.items()} | {"batch_size": args.batch_size},
-        "fit_s": fit_s,
-        "train_s": sum(epochs.train_s),
-        "epoch_train_s": epochs.train_s,
-        "epoch_val_acc": epochs.val_acc,
-        "epochs": trainer.current_epoch,
-        "val_acc_best": float(trainer.callback_metrics.get("val/acc_best", float("nan"))),
-        "val_acc_last": float(trainer.callback_metrics.get("val/acc", float("nan"))),
-    }
-    print(
-        f"\nrecipe {args.recipe} {' '.join(args.set)} | device {args.device} ({_device_name(args.device)})\n"
-        f"fit {fit_s:.1f} s (train {result['train_s']:.1f} s over {result['epochs']} epochs, first "
-        f"{epochs.train_s[0] if epochs.train_s else float('nan'):.2f} s) | val/acc best "
-        f"{result['val_acc_best']:.4f}, last {result['val_acc_last']:.4f}"
-    )
-    return result
+    bench.warmup = 0
+    loader = DataLoader(seed_dataset(data_dir, checksums), args.batch_size, shuffle=True)
+    seed_loop(bench, loader, build_net("seed", 10).to(bench.device))
 
 
 def main(args: argparse.Namespace) -> None:
     with boundary():
         if min(args.rounds, args.steps, args.warmup, args.batch_size) < 1:
             raise UserError("--rounds, --steps, --warmup and --batch-size must be at least 1.")
-        if args.seed_loop_steps is not None:
-            return seed_loop_only(args)
-        if args.cli:
-            result = cli_benchmark(args)
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
-                checksums, data_desc = None, args.data_dir
-                data_dir = args.data_dir
-                if data_dir is None:
-                    data_dir = tmp
-                    checksums = synthetic_data(Path(tmp))
-                    data_desc = (
-                        "SYNTHETIC random CIFAR-shaped set (50,000 images; give --data-dir for real data)"
-                    )
-                    print(f"no --data-dir: using a {data_desc}")
-                log_dir = str(Path(tmp) / "logs")
-                if args.recipe:
-                    result = recipe(args, data_dir, checksums, log_dir)
-                else:
-                    result = benchmark(args, data_dir, checksums, log_dir)
-                    print_table(args, data_desc, result)
+        with tempfile.TemporaryDirectory() as tmp:
+            checksums, data_dir = None, args.data_dir
+            data_desc = data_dir
+            if data_dir is None:
+                data_dir, checksums = tmp, synthetic_data(Path(tmp))
+                data_desc = "SYNTHETIC random CIFAR-shaped set (50,000 images; give --data-dir for real data)"
+                print(f"no --data-dir: using a {data_desc}")
+            if args.only == "a":
+                return seed_only(args, data_dir, checksums)
+            result = benchmark(args, data_dir, checksums, str(Path(tmp) / "logs"))
+            print_table(args, data_desc, result)
         if args.out:
             result = {"args": vars(args), "device_name": _device_name(args.device), **result}
             Path(args.out).write_text(json.dumps(result, indent=1))

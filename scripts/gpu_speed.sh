@@ -1,101 +1,108 @@
 #!/usr/bin/env bash
-# Every GPU speed measurement of issue 4 in one run, ending in one table (estimated ~4 min on an H100;
-# each step has a time limit, see step()); not yet run on a GPU.
-#   PYTHONPATH=. bash scripts/gpu_speed.sh .gpu/cifar10-jpeg
-#   SMOKE=1 PYTHONPATH=. bash scripts/gpu_speed.sh DIR     # tiny settings on the CPU: does it run?
-# 1. benchmark.py at batch 64, fp32, the seed recipe's data (no normalization/augmentation): a, b, c, d
-# 2. benchmark.py at batch 512, bf16-mixed, channels_last, project data defaults; 3. the same compiled
-# 4. the seed recipe (configs/seed.yaml: seed net, batch 64, 20 epochs, validation each epoch), timed
-# 5. a fast recipe: seed_bn, batch 512, bf16-mixed, channels_last, one-cycle to lr 1e-2, weight decay 5e-2
-#    (as the H100 sweep's b5 run at batch 256), 15 epochs: training seconds until the seed's best val/acc
-# Logs and JSON results go to $OUT (or a temporary folder); the summary table comes last.
+# Issue 15's GPU speed measurements in one run, alone on the GPU, ending in one table (~10 min on an
+# H100, estimated: not yet run on a GPU; each step has a time limit, see step()).
+#   PYTHONPATH=. bash scripts/gpu_speed.sh DATA_DIR
+#   SMOKE=1 PYTHONPATH=. bash scripts/gpu_speed.sh DATA_DIR   # every step, a few batches, on the CPU (5-16 min)
+# Needs torch, torchvision, lightning, torchmetrics, tensorboard, and these wheels (WHEELS=DIR installs
+# them from DIR with pip --no-index): jsonargparse docstring-parser typeshed-client typing-extensions
+# matplotlib contourpy cycler fonttools kiwisolver pyparsing python-dateutil six.
+#  1-4. scripts/benchmark.py a/b/c/d: batch 64 fp32, and batch 512 bf16-mixed channels_last, each
+#       without and with --compile (project data defaults: normalization, crop and flip)
+#  5.   the seed recipe exactly: scripts/train.py --accelerator gpu --config configs/seed.yaml (20
+#       epochs, validation each epoch, then the test): wall time
+#  6.   a fast recipe (seed_bn, batch 512, bf16-mixed, one-cycle to lr 1e-2, 20 epochs): seconds of
+#       training until val/acc first reaches the seed recipe's best (66.5%), and val/acc after 20 epochs
+#  7-8. the default recipe and configs/seed_bn.yaml through scripts/train.py: wall time each
+# The data is decoded into its cache first (step 0), so every timed run starts from the cache.
+# Logs and JSON results go to $OUT (or a temporary folder); the table comes last.
 set -euo pipefail
 DATA=${1:?usage: scripts/gpu_speed.sh DATA_DIR}
 LOG=${OUT:-$(mktemp -d)}
 PY=${PYTHON:-python3}
 mkdir -p "$LOG"
-BENCH=(scripts/benchmark.py --data-dir "$DATA")
-if [[ -n "${SMOKE:-}" ]]; then  # every step, a few batches each, on the CPU
-  DEV=cpu; B64=(--rounds 1 --steps 2 --warmup 1); B512=("${B64[@]}")
-  RECIPE=(--set trainer.limit_train_batches=3 trainer.limit_val_batches=2 trainer.max_epochs=2)
-  FAST_EPOCHS=2
-else
-  DEV=cuda; B64=(--rounds 3 --steps 200 --warmup 20); B512=(--rounds 2 --steps 40 --warmup 10)
-  RECIPE=(); FAST_EPOCHS=${FAST_EPOCHS:-15}
+: > "$LOG/times.tsv"
+if [[ -n "${WHEELS:-}" ]]; then
+  $PY -m pip install -q --no-index --find-links "$WHEELS" jsonargparse docstring-parser typeshed-client \
+    typing-extensions matplotlib contourpy cycler fonttools kiwisolver pyparsing python-dateutil six
 fi
-FAST=(model.net=seed_bn data.batch_size=512 trainer.precision=bf16-mixed model.channels_last=true
-      model.schedule=onecycle model.lr=1e-2 model.weight_decay=5e-2 model.label_smoothing=0.1
-      data.normalize=true data.augment=true trainer.max_epochs=$FAST_EPOCHS)
+$PY -c "import jsonargparse, docstring_parser, typeshed_client, matplotlib" \
+  || { echo "error: missing Python packages: see the wheels listed at the top of $0 (WHEELS=DIR)"; exit 1; }
+if [[ -n "${SMOKE:-}" ]]; then
+  DEV=cpu; ACC=cpu; T=10; ROUNDS=(--rounds 1 --steps 2 --warmup 1); ROUNDS512=("${ROUNDS[@]}")
+  printf 'trainer:\n  limit_train_batches: 3\n  limit_val_batches: 2\n  limit_test_batches: 2\n  max_epochs: 2\n' \
+    > "$LOG/smoke.yaml"
+  SHORT=(--config "$LOG/smoke.yaml")
+else
+  DEV=cuda; ACC=gpu; T=1; ROUNDS=(--rounds 3 --steps 200 --warmup 20); ROUNDS512=(--rounds 3 --steps 40 --warmup 10)
+  SHORT=()
+fi
 export PYTHONUNBUFFERED=1
-T=${SMOKE:+10}; T=${T:-1}  # each step's time limit: its GPU estimate x 2, or x 20 for the CPU smoke run
 
-step() {  # step NAME SECONDS COMMAND...: run it (at most SECONDS), output to the screen and $LOG/NAME.log
-  local name=$1 limit=$2; shift 2
+step() {  # step NAME SECONDS COMMAND...: run it (at most SECONDS x T), output to $LOG/NAME.log and the screen
+  local name=$1 limit=$(($2 * T)); shift 2
   echo "=== $name: $*"
-  local start=$SECONDS
+  local start rc
+  start=$(date +%s.%N)
   set +e  # a failed or timed-out step is reported, and the others still run
   timeout "$limit" "$@" 2>&1 | tee "$LOG/$name.log" | grep -v -e "it/s" -e "Warning" -e "warnings.warn"
-  local rc=${PIPESTATUS[0]}
+  rc=${PIPESTATUS[0]}
   set -e
-  echo "=== $name: exit $rc, $((SECONDS - start)) s" | tee -a "$LOG/times.txt"
+  awk -v n="$name" -v rc="$rc" -v a="$start" -v b="$(date +%s.%N)" 'BEGIN {printf "%s\t%s\t%.2f\n", n, rc, b - a}' \
+    | tee -a "$LOG/times.tsv"
 }
 
 { nvidia-smi -L || true; $PY -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"; } \
   | tee "$LOG/env.txt"
-step decode "$((T * 60))" $PY -c "from lit_cifar.sources import load; load('$DATA')"  # once, so later steps load the cache
-step bench_b64 "$((T * 60))" $PY "${BENCH[@]}" --device $DEV --batch-size 64 --precision 32 "${B64[@]}" \
-  --set data.normalize=false data.augment=false --out "$LOG/bench_b64.json"
-step bench_b512 "$((T * 60))" $PY "${BENCH[@]}" --device $DEV --batch-size 512 --precision bf16-mixed --channels-last \
-  "${B512[@]}" --out "$LOG/bench_b512.json"
-step bench_b512_compile "$((T * 120))" $PY "${BENCH[@]}" --device $DEV --batch-size 512 --precision bf16-mixed \
-  --channels-last --compile "${B512[@]}" --out "$LOG/bench_b512_compile.json"
-step seed_recipe "$((T * 100))" $PY "${BENCH[@]}" --device $DEV --recipe configs/seed.yaml "${RECIPE[@]}" \
-  --out "$LOG/seed_recipe.json"
-step fast_recipe "$((T * 60))" $PY "${BENCH[@]}" --device $DEV --recipe configs/seed.yaml --set "${FAST[@]}" \
-  "${RECIPE[@]}" --out "$LOG/fast_recipe.json"
+step decode 120 $PY -c "from lit_cifar.data import CIFARDataModule as D; D('$DATA').prepare_data()"
+B=($PY scripts/benchmark.py --data-dir "$DATA" --device $DEV)
+step bench_b64 120 "${B[@]}" --batch-size 64 "${ROUNDS[@]}" --out "$LOG/bench_b64.json"
+step bench_b64_compile 240 "${B[@]}" --batch-size 64 --compile "${ROUNDS[@]}" --out "$LOG/bench_b64_compile.json"
+B512=("${B[@]}" --batch-size 512 --precision bf16-mixed --channels-last "${ROUNDS512[@]}")
+step bench_b512 120 "${B512[@]}" --out "$LOG/bench_b512.json"
+step bench_b512_compile 240 "${B512[@]}" --compile --out "$LOG/bench_b512_compile.json"
+TRAIN=($PY scripts/train.py --accelerator $ACC --data-dir "$DATA")
+step seed_recipe 120 "${TRAIN[@]}" --config configs/seed.yaml "${SHORT[@]}"
+step fast_recipe 120 $PY scripts/speed_e2e.py until 0.665 --out "$LOG/fast_recipe.json" -- \
+  --config configs/seed_bn.yaml --data.data_dir "$DATA" --trainer.accelerator $ACC --data.batch_size 512 \
+  --trainer.precision bf16-mixed --model.lr 0.01 --trainer.max_epochs 20 "${SHORT[@]}"
+step default_recipe 240 "${TRAIN[@]}" "${SHORT[@]}"
+step seed_bn_recipe 240 "${TRAIN[@]}" --config configs/seed_bn.yaml "${SHORT[@]}"
 
-$PY - "$LOG" <<'EOF' | tee "$LOG/summary.txt"
-"""The one table: every number above, read back from the JSON files."""
+$PY - "$LOG" "${SMOKE:-}" <<'EOF' | tee "$LOG/summary.txt"
+"""The one table: every number above, read back from the JSON files and times.tsv."""
 import json, sys
 from pathlib import Path
 
-log = Path(sys.argv[1])
+log, smoke = Path(sys.argv[1]), sys.argv[2]
 read = lambda name: json.loads((log / f"{name}.json").read_text()) if (log / f"{name}.json").exists() else None
-print(f"\n{'=' * 100}\nGPU speed summary ({(log / 'env.txt').read_text().strip()})")
-print(f"{'measurement (img/s; syncs: host-device syncs in c)':<58}{'a seed':>9}{'b plain':>9}{'c ours':>9}"
-      f"{'d bare':>9}{'c/a':>6}{'c/b':>6}{'c/d':>6}  syncs")
-for name, label in (
-    ("bench_b64", "b64 fp32, seed data (no norm/aug)"),
-    ("bench_b512", "b512 bf16 channels_last, norm+aug"),
-    ("bench_b512_compile", "b512 bf16 channels_last, norm+aug, compile"),
-):
+times = {n: (int(rc), float(s)) for n, rc, s in (line.split("\t") for line in (log / "times.tsv").read_text().splitlines())}
+print(f"\n{'=' * 100}\nGPU speed{' (SMOKE: a few batches on the CPU, numbers meaningless)' if smoke else ''} | "
+      f"{(log / 'env.txt').read_text().strip()}")
+print(f"{'benchmark.py, img/s (median of rounds)':<44}{'a seed':>9}{'b plain':>9}{'c ours':>9}{'d bare':>9}"
+      f"{'c/a':>7}{'c/b':>6}{'c/d':>6}  syncs in c")
+for name, label in (("bench_b64", "batch 64 fp32"), ("bench_b64_compile", "batch 64 fp32, compile"),
+                    ("bench_b512", "batch 512 bf16-mixed channels_last"),
+                    ("bench_b512_compile", "batch 512 bf16-mixed channels_last, compile")):
     r = read(name)
     if r is None:
-        print(f"{label:<58}(failed: see {name}.log)")
+        print(f"{label:<44}failed (exit {times.get(name, ('?',))[0]}): see {name}.log")
         continue
-    med = r["median"]
-    q = r["ratios"]
-    syncs = f"{r['syncs']['total']}/{r['syncs']['steps']} steps" if r.get("syncs") else "-"
-    print(f"{label:<58}{med['a']:>9.0f}{med['b']:>9.0f}{med['c']:>9.0f}{med['d']:>9.0f}"
-          f"{q['c/a']:>6.1f}{q['c/b']:>6.2f}{q['c/d']:>6.2f}  {syncs}")
-seed, fast = read("seed_recipe"), read("fast_recipe")
-print(f"\n{'recipe':<58}{'fit s':>8}{'train s':>9}{'epochs':>8}{'best val/acc':>14}")
-for r, label in ((seed, "seed recipe (configs/seed.yaml), val each epoch"), (fast, "fast recipe")):
-    if r is None:
-        print(f"{label:<58}(failed: see its log)")
-        continue
-    print(f"{label:<58}{r['fit_s']:>8.1f}{r['train_s']:>9.1f}{r['epochs']:>8}{r['val_acc_best']:>14.4f}")
-if seed and fast:
-    target, total = seed["val_acc_best"], 0.0
-    for epoch, (t, acc) in enumerate(zip(fast["epoch_train_s"], fast["epoch_val_acc"]), 1):
-        total += t
-        if acc >= target:
-            print(f"fast recipe reaches the seed's best val/acc {target:.4f} after epoch {epoch}: "
-                  f"{total:.1f} s of training (val/acc {acc:.4f})")
-            break
-    else:
-        print(f"fast recipe never reached the seed's best val/acc {target:.4f}")
-    print(f"fast recipe settings: {fast['settings']}")
-print(f"targets: seed recipe fit <= 60 s, b64 c/a >= 10, fast recipe at the seed's accuracy in <= 10 s")
+    m, q = r["median"], r["ratios"]
+    syncs = f"{r['syncs']['total']} in {r['syncs']['steps']} steps" if r.get("syncs") else "-"
+    print(f"{label:<44}{m['a']:>9.0f}{m['b']:>9.0f}{m['c']:>9.0f}{m['d']:>9.0f}{q['c/a']:>7.1f}{q['c/b']:>6.2f}"
+          f"{q['c/d']:>6.2f}  {syncs}")
+print(f"\n{'end to end (data cache warm)':<72}{'exit':>5}{'wall s':>9}  target")
+for name, label, target in (
+    ("seed_recipe", "seed recipe: train.py --config configs/seed.yaml (fit + test)", "<= 30 s"),
+    ("default_recipe", "default recipe: train.py (fit + test)", ""),
+    ("seed_bn_recipe", "train.py --config configs/seed_bn.yaml (fit + test)", ""),
+    ("fast_recipe", "fast recipe: seed_bn, batch 512, bf16-mixed, lr 1e-2, 20 epochs (fit)", ""),
+):
+    rc, seconds = times.get(name, (None, float("nan")))
+    print(f"{label:<72}{rc if rc is not None else '-':>5}{seconds:>9.1f}  {target}")
+fast = read("fast_recipe")
+if fast and fast["epoch_val_acc"]:
+    reached, accs = fast["reached"], fast["epoch_val_acc"]
+    when = f"after {reached['train_s']:.2f} s of training, epoch {reached['epoch']}" if reached else "never"
+    print(f"fast recipe: val/acc first >= 0.665 {when} (target <= 3 s); after epoch {len(accs)}: {accs[-1]:.4f}")
 EOF
-cat "$LOG/times.txt"
