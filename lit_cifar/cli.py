@@ -130,11 +130,14 @@ def print_summary(trainer, metric: str, value: float | None) -> None:
     checkpoint, log folder."""
     if not trainer.is_global_zero:
         return
+    # trainer.log_dir broadcasts from rank 0: a collective that the other ranks (returned above)
+    # never join under DDP. The logger's own log_dir is local.
+    logs = trainer.logger.log_dir if trainer.logger else None
     value = float(value) if value is not None else math.nan
     acc = f"{metric} {value:.4f}" if math.isfinite(value) else f"{metric} not measured"
     ckpt = trainer.checkpoint_callback
     best = (ckpt.best_model_path if ckpt else "") or "(none saved)"
-    print(f"{acc} | best checkpoint: {best} | logs: {trainer.log_dir or '(none written)'}")
+    print(f"{acc} | best checkpoint: {best} | logs: {logs or '(none written)'}")
 
 
 class LitCifarCLI(LightningCLI):

@@ -5,7 +5,7 @@
     python scripts/train.py --data-dir DIR --net seed_bn --max-epochs 20
     python scripts/train.py --config configs/seed.yaml --data-dir DIR
     python scripts/train.py --data-dir DIR --resume              # after a kill: same flags + --resume
-    python scripts/train.py --model.schedule cosine              # any setting, as `lit-cifar fit` spells it
+    python scripts/train.py --model.label_smoothing 0           # any setting, as `lit-cifar fit` spells it
 
 Every flag passes straight through to the `lit-cifar` command's classes (lit_cifar/cli.py). The
 defaults shown in --help are read from those classes' source, never restated here, and without
@@ -96,7 +96,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     defaults = _defaults()
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0],
-        epilog="Any other setting as `lit-cifar fit` spells it (e.g. --model.schedule cosine; "
+        epilog="Any other setting as `lit-cifar fit` spells it (e.g. --model.label_smoothing 0; "
         "`lit-cifar fit --help` lists them all), or in a --config file.",
         argument_default=argparse.SUPPRESS,
     )
