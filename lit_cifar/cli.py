@@ -146,6 +146,7 @@ class LitCifarCLI(LightningCLI):
         "last": the newest run's. `self.ckpt_path` is then the file to give `trainer.fit`."""
         quiet_upstream_notices()
         self.resume, self.ckpt_path, self._ckpt = resume, None, None
+        self._subcommands = kwargs.get("run", True)  # run=False: one parser, fit's settings
         kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
         kwargs.setdefault("seed_everything_default", SEED)
         super().__init__(CIFARClassifier, CIFARDataModule, *args, **kwargs)
@@ -160,8 +161,10 @@ class LitCifarCLI(LightningCLI):
         try:
             self.config = parser.parse_args(args)
         except ArgumentError as err:
+            # the settings' own help: `lit-cifar [<subcommand>] --help`; scripts (run=False) take fit's
             words = sys.argv[1:] if args is None else [str(a) for a in args]
-            command = " ".join([parser.prog, *[w for w in words if w in self.subcommands()][:1]])
+            sub = next((w for w in words if w in self.subcommands()), "" if self._subcommands else "fit")
+            command = f"lit-cifar {sub}".strip()
             raise UserError(f"{_parse_error(err)}: see `{command} --help`.") from None
         # Before LightningCLI reads the checkpoint's hyperparameters: resolve "last", refuse a
         # missing, foreign or unsafe file with one clear message.

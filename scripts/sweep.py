@@ -17,7 +17,6 @@ import warnings
 from pathlib import Path
 
 import yaml
-from jsonargparse import ArgumentError
 
 from lit_cifar.cli import LitCifarCLI
 from lit_cifar.errors import UserError
@@ -86,10 +85,7 @@ def fit_args(args: argparse.Namespace, passthrough: list[str]) -> list[str]:
 def build_cli(cli_args: list[str]) -> LitCifarCLI:
     # Lightning warns when sys.argv holds arguments too: here they are the sweep's, read already.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    try:
-        return LitCifarCLI(args=cli_args, run=False, parser_kwargs={"exit_on_error": False})
-    except ArgumentError as err:  # a bad passed-through setting: one line, not jsonargparse's usage
-        raise UserError(f"{err} (see `lit-cifar fit --help`, `{sys.argv[0]} --help`)") from None
+    return LitCifarCLI(args=cli_args, run=False)  # a bad passed-through setting: one UserError line
 
 
 def objective(trial: "optuna.Trial", args: argparse.Namespace, passthrough: list[str]) -> float:

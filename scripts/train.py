@@ -18,6 +18,8 @@ import importlib.util
 import re
 from pathlib import Path
 
+from lit_cifar.errors import ArgumentParser  # stdlib only: no torch before the flags are parsed
+
 # flag -> (LightningCLI key, the class whose __init__ holds its default; None: lit_cifar/cli.py's SEED)
 FLAGS = {
     "accelerator": ("trainer.accelerator", "Trainer"),
@@ -94,7 +96,8 @@ def _defaults() -> dict[str, object]:
 
 def get_args_parser() -> argparse.ArgumentParser:
     defaults = _defaults()
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
+        prog="python scripts/train.py",
         description=__doc__.split("\n")[0],
         epilog="Any other setting as `lit-cifar fit` spells it (e.g. --model.label_smoothing 0; "
         "`lit-cifar fit --help` lists them all), or in a --config file.",

@@ -118,7 +118,7 @@ def test_an_interrupted_trial_is_marked_failed_and_the_table_written(tmp_path):
     ("extra", "message"),
     [
         (["--model.lr", "1e-3"], "error: --model.lr is searched by the sweep: drop it"),
-        (["--model.lrr=1"], "error: .*--model.lrr=1.* \\(see `lit-cifar fit --help`"),
+        (["--model.lrr=1"], "error: .*--model.lrr=1.*: see `lit-cifar fit --help`"),
         (["--net", "resnet"], "error: unknown network 'resnet'"),
         (["--jobs", "0"], "error: --trials and --jobs must be at least 1"),
         (["--jobs", "two"], "error: argument --jobs: invalid int value: 'two'"),
