@@ -61,6 +61,12 @@ def one_line(text: object) -> str:
 class ArgumentParser(argparse.ArgumentParser):
     """argparse for the scripts: a bad flag is one line and a pointer to --help, not the usage."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        script = sys.argv[0]  # the pointer names the command as typed: `python scripts/predict.py`
+        if script.endswith(".py") and "prog" not in kwargs:
+            kwargs["prog"] = f"python {os.path.relpath(script)}"
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):
         sys.exit(f"error: {message}: see `{self.prog} --help`.")
 

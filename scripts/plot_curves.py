@@ -15,9 +15,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
+from lit_cifar.errors import ArgumentParser, UserError, boundary  # noqa: E402
+
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("root", help="folder holding one sub-folder of logs per run")
     parser.add_argument("--only", nargs="*", help="plot only these runs (names as printed)")
     parser.add_argument("--output", help="PNG file for the plot")
@@ -39,12 +41,20 @@ def read_runs(root: Path, tag: str) -> dict[str, tuple[list[float], float]]:
             events = [e for e in events if e.step <= last_train_step]
         times = [e.wall_time for t in acc.Tags()["scalars"] for e in acc.Scalars(t)]
         name = str(log_dir.relative_to(root)).split("/lightning_logs")[0]
-        runs[name] = ([e.value for e in events], max(times) - min(times))
+        if events:
+            runs[name] = ([e.value for e in events], max(times) - min(times))
     return runs
 
 
 def main(args: argparse.Namespace) -> None:
-    runs = read_runs(Path(args.root), args.tag)
+    root = Path(args.root)
+    if not root.is_dir():
+        raise UserError(f"{root} is not a folder: give the folder that holds the runs' TensorBoard logs.")
+    runs = read_runs(root, args.tag)
+    if not runs:
+        raise UserError(
+            f"no run under {root} logged {args.tag}: give the folder of runs that did (--tag TAG)."
+        )
     print(f"| run | epochs | best {args.tag} (epoch) | final {args.tag} | logged s |")
     print("|---|---|---|---|---|")
     for name, (values, seconds) in runs.items():
@@ -66,4 +76,5 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    with boundary():
+        main(get_args_parser().parse_args())

@@ -97,7 +97,6 @@ def _defaults() -> dict[str, object]:
 def get_args_parser() -> argparse.ArgumentParser:
     defaults = _defaults()
     parser = ArgumentParser(
-        prog="python scripts/train.py",
         description=__doc__.split("\n")[0],
         epilog="Any other setting as `lit-cifar fit` spells it (e.g. --model.label_smoothing 0; "
         "`lit-cifar fit --help` lists them all), or in a --config file.",
