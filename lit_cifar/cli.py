@@ -24,19 +24,13 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Pr
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from lit_cifar.callbacks import TensorBoardDashboard
+from lit_cifar.checkpoints import check_fits, check_hparams, input_settings, load_checkpoint, load_model
+from lit_cifar.dashboard import TensorBoardDashboard
 from lit_cifar.data import CIFARDataModule
-from lit_cifar.errors import UserError, boundary, on_failure, one_line
-from lit_cifar.guards import (
-    DivergenceGuard,
-    check_accelerator,
-    check_fits,
-    check_hparams,
-    check_writable,
-    load_checkpoint,
-)
-from lit_cifar.inference import SKIPPED_EXIT, PredictionWriter, input_settings, load_model
+from lit_cifar.divergence import DivergenceGuard
+from lit_cifar.errors import UserError, boundary, check_accelerator, check_writable, on_failure, one_line
 from lit_cifar.module import CIFARClassifier
+from lit_cifar.prediction import SKIPPED_EXIT, PredictionWriter
 
 SEED = 0  # seed_everything: runs repeat exactly unless a user asks for another seed
 # The Trainer is Lightning's class, so its project defaults live here, read by every entry point.
@@ -47,7 +41,7 @@ TRAINER_DEFAULTS = {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
         "init_args": {"save_dir": ".", "default_hp_metric": False, "log_graph": True},
     },
-    "plugins": {"class_path": "lit_cifar.guards.SafeCheckpointIO"},  # atomic writes, weights-only reads
+    "plugins": {"class_path": "lit_cifar.checkpoints.SafeCheckpointIO"},  # atomic writes, weights-only reads
 }
 CHECKPOINT_DEFAULTS = {
     "monitor": "val/acc",

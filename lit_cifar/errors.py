@@ -20,6 +20,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 TRACEBACK_ENV = "LIT_CIFAR_TRACEBACK"
 INTERRUPTED_EXIT = 130  # the shell's status for a process ended by Ctrl-C
@@ -160,3 +161,46 @@ def _os_error(err: OSError) -> str:
     where = " -> ".join(f"{name}" for name in (err.filename, err.filename2) if name is not None)
     fix = _OS_FIXES.get(err.errno, "check the path and its permissions")
     return f"{what}{': ' + where if where else ''}: {fix}."
+
+
+def check_writable(folder: str | Path, setting: str) -> None:
+    """UserError unless `folder` is, or can be made, a folder this process may write in."""
+    path = Path(folder).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
+    if existing.is_symlink() and not existing.exists():
+        raise UserError(f"{existing} is a broken symbolic link: fix it, or choose another {setting}.")
+    if not existing.is_dir():
+        raise UserError(f"{existing} is a file, not a folder: choose another {setting}.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(
+            f"{existing} is read-only for this user: choose a folder you may write with {setting}."
+        )
+
+
+def check_output(path: str | Path, written_by_us: Callable[[Path], bool], setting: str) -> None:
+    """UserError unless `path` can be written: not a folder, its folder writable, and an existing file
+    only when this command wrote it (a re-run replaces its own output, never a user's other file)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(
+            f"{path} is a folder, not a file: give {setting} a file path (e.g. a new file in {path})."
+        )
+    if path.exists() and not written_by_us(path):
+        raise UserError(
+            f"{path} exists and was not written by this command: it is never overwritten. Give "
+            f"{setting} another name, or remove the file yourself."
+        )
+    check_writable(path.parent, setting)
+
+
+def check_accelerator(accelerator: str | None, setting: str) -> None:
+    """UserError when a GPU is asked for and there is none (Lightning's own message names no fix)."""
+    import torch  # here, not at the top: errors.py imports no torch (fast --help)
+
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        if accelerator == "cuda" or not torch.backends.mps.is_available():
+            raise UserError(
+                f"accelerator {accelerator!r} asked for, but this machine has no usable GPU (torch "
+                f"{torch.__version__}, CUDA build {torch.version.cuda}): use {setting} cpu (or auto: a "
+                f"GPU when there is one)."
+            )

@@ -48,8 +48,9 @@ from torchvision import transforms
 
 from lit_cifar import sources
 from lit_cifar.cli import LitCifarCLI
-from lit_cifar.data import CIFARDataModule, TensorLoader, random_crop_flip
+from lit_cifar.data import CIFARDataModule
 from lit_cifar.errors import ArgumentParser, UserError, boundary
+from lit_cifar.loaders import TensorLoader, random_crop_flip
 from lit_cifar.module import CIFARClassifier
 from lit_cifar.nets import build_net
 

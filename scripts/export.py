@@ -5,7 +5,7 @@
 
 The exported model takes raw uint8 RGB images, NCHW (N, 3, 32, 32), any N, and returns class
 probabilities (N, C): pixels / 255, the training normalization (when the model was trained with
-it) and softmax are inside (lit_cifar.inference.Deployable). Class names ride along: ONNX
+it) and softmax are inside (lit_cifar.export.Deployable). Class names ride along: ONNX
 metadata "class_names" (JSON), TorchScript attribute `class_names`.
 It is written to <ckpt stem>.onnx / .pt beside the checkpoint unless --output says otherwise,
 only once its probabilities match the checkpoint's within 1e-4 (max abs difference) on the
@@ -13,23 +13,19 @@ images of --check-images, or on random images; otherwise nothing is written and 
 """
 
 import copy
-import importlib.util
-import json
 import os
 import sys
-import warnings
-import zipfile
 from argparse import SUPPRESS, Namespace
 from pathlib import Path
 
 import torch
 
+from lit_cifar.checkpoints import load_model
 from lit_cifar.data import CIFARDataModule
-from lit_cifar.errors import ArgumentParser, UserError, boundary
-from lit_cifar.guards import check_output
-from lit_cifar.inference import Deployable, find_images, load_model, read_image
+from lit_cifar.errors import ArgumentParser, UserError, boundary, check_output
+from lit_cifar.export import EXPORT, SUFFIXES, Deployable, is_export
+from lit_cifar.images import find_images, read_image
 
-SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
 TOLERANCE = 1e-4  # max abs difference of probabilities, exported vs checkpoint
 RANDOM_IMAGES = 37  # checked when no --check-images: an odd batch, unlike the export's example of 2
 
@@ -41,55 +37,6 @@ def get_args_parser() -> ArgumentParser:
     parser.add_argument("--output", help="where to write (default: beside the checkpoint, same stem)")
     parser.add_argument("--check-images", metavar="DIR", help="images to compare on (default: random)")
     return parser
-
-
-def export_onnx(model: Deployable, path: Path) -> None:
-    example = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
-    try:
-        program = torch.onnx.export(
-            model,
-            (example,),
-            dynamo=True,
-            input_names=["images"],
-            output_names=["probabilities"],
-            dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
-            verbose=False,
-        )
-    except ImportError as err:
-        raise UserError(
-            f"ONNX export needs onnx and onnxscript ({err}): pip install -e '.[export]'."
-        ) from None
-    program.model.metadata_props["class_names"] = json.dumps(model.class_names)
-    program.save(path, external_data=False)  # one self-contained file
-
-
-def run_onnx(path: Path, images: torch.Tensor) -> torch.Tensor | None:
-    if importlib.util.find_spec("onnxruntime") is None:
-        import onnx
-
-        onnx.checker.check_model(str(path))
-        return None
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
-
-
-def export_torchscript(model: Deployable, path: Path) -> None:
-    with warnings.catch_warnings():  # deprecated in torch 2.14, still what C++ and mobile runtimes load
-        warnings.filterwarnings("ignore", "`torch.jit", FutureWarning)
-        torch.jit.script(model).save(str(path))
-
-
-def run_torchscript(path: Path, images: torch.Tensor) -> torch.Tensor:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "`torch.jit", FutureWarning)
-        loaded = torch.jit.load(str(path), map_location="cpu")
-    with torch.no_grad():
-        return loaded(images)
-
-
-EXPORT = {"onnx": (export_onnx, run_onnx), "torchscript": (export_torchscript, run_torchscript)}
 
 
 def check_images(folder: str | None) -> tuple[torch.Tensor, str]:
@@ -106,17 +53,6 @@ def check_images(folder: str | None) -> tuple[torch.Tensor, str]:
     if not images:
         raise UserError(f"no readable images in {folder} to check the export on.")
     return torch.stack(images), f"{folder}"
-
-
-def is_export(path: Path) -> bool:
-    """Whether `path` is an earlier export (which a re-run replaces): ONNX or TorchScript by content."""
-    if path.suffix == SUFFIXES["torchscript"]:
-        if not zipfile.is_zipfile(path):
-            return False
-        with zipfile.ZipFile(path) as z:
-            return any(n.endswith("/constants.pkl") for n in z.namelist())
-    with open(path, "rb") as f:  # an ONNX ModelProto starts with field 1, ir_version (a varint)
-        return path.suffix == SUFFIXES["onnx"] and f.read(1) == b"\x08"
 
 
 def main(args: Namespace) -> None:

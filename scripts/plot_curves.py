@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
-from lit_cifar.errors import ArgumentParser, UserError, boundary  # noqa: E402
+from lit_cifar.errors import ArgumentParser, UserError, boundary
 
 
 def get_args_parser() -> argparse.ArgumentParser:

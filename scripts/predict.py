@@ -6,7 +6,7 @@
 Any PNG/JPEG of any size and mode (folders are searched recursively) is made the way CIFAR was
 (RGB, resized to 32x32) and prepared as the model's training data was (normalized or not, read
 from the checkpoint). Unreadable files are listed and skipped: the exit status is then 3
-(lit_cifar.inference.SKIPPED_EXIT); 0 when every image was predicted, 1 on an error.
+(lit_cifar.prediction.SKIPPED_EXIT); 0 when every image was predicted, 1 on an error.
 The same as `lit-cifar predict --ckpt_path CKPT --data.predict_dir DIR`.
 """
 
@@ -15,10 +15,10 @@ from argparse import SUPPRESS, Namespace
 
 import lightning as L
 
+from lit_cifar.checkpoints import load_model
 from lit_cifar.data import CIFARDataModule
-from lit_cifar.errors import ArgumentParser, UserError, boundary
-from lit_cifar.guards import check_accelerator
-from lit_cifar.inference import SKIPPED_EXIT, PredictionWriter, load_model
+from lit_cifar.errors import ArgumentParser, UserError, boundary, check_accelerator
+from lit_cifar.prediction import SKIPPED_EXIT, PredictionWriter
 
 
 def get_args_parser() -> ArgumentParser:

@@ -18,10 +18,10 @@ from torch.nn import functional as F
 from torch.utils.tensorboard import SummaryWriter
 
 from lit_cifar import build_net, sources
-from lit_cifar.callbacks import channel_grid, layer_outputs
 from lit_cifar.cli import quiet_upstream_notices
 from lit_cifar.data import CIFAR10_CLASSES
 from lit_cifar.errors import ArgumentParser, UserError, boundary
+from lit_cifar.figures import channel_grid, layer_outputs
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -18,7 +18,7 @@ import importlib.util
 import re
 from pathlib import Path
 
-from lit_cifar.errors import ArgumentParser  # stdlib only: no torch before the flags are parsed
+from lit_cifar.errors import ArgumentParser
 
 # flag -> (LightningCLI key, the class whose __init__ holds its default; None: lit_cifar/cli.py's SEED)
 FLAGS = {

@@ -17,7 +17,7 @@ from conftest import quiet_trainer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lit_cifar import CIFARClassifier, CIFARDataModule, build_net
-from lit_cifar.data import split_indices
+from lit_cifar.loaders import split_indices
 
 REPO = Path(__file__).resolve().parents[1]
 # The line both `scripts/train.py` and `lit-cifar fit` end with.

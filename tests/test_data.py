@@ -25,12 +25,13 @@ import torch
 from conftest import CLASSES, quiet_trainer, write_batches, write_image_folder
 from PIL import Image, ImageFile, ImageOps
 
-from lit_cifar import CIFARDataModule, sources
+from lit_cifar import CIFARDataModule, images, sources
 from lit_cifar.cli import LitCifarCLI, main
-from lit_cifar.data import TensorLoader, split_indices
 from lit_cifar.errors import UserError
-from lit_cifar.inference import ImageFiles, find_images, read_image
+from lit_cifar.images import find_images, read_image
+from lit_cifar.loaders import TensorLoader, split_indices
 from lit_cifar.module import CIFARClassifier
+from lit_cifar.prediction import ImageFiles
 
 REPO = Path(__file__).resolve().parents[1]
 FIT = ["lit-cifar", "fit", "--trainer.accelerator=cpu", "--trainer.max_epochs=1"]
@@ -606,7 +607,7 @@ def test_image_size_is_checked_from_the_header_before_decoding(image_folder, mon
 def test_prediction_refuses_images_too_big_to_decode_safely(tmp_path):
     huge = tmp_path / "huge.png"
     huge.write_bytes(huge_png())
-    with pytest.raises(sources.BadFile) as err:
+    with pytest.raises(images.BadFile) as err:
         read_image(huge)
     assert err.value.what == "are too big to decode safely"
     # In a prediction run it is skipped, with its reason (and the run exits non-zero: SKIPPED_EXIT).
@@ -653,12 +654,12 @@ def test_every_mode_becomes_the_same_8bit_rgb_in_training_and_prediction(tmp_pat
     path = tmp_path / f"x.{fmt}"
     sample_image(mode).save(path)
     assert Image.open(path).mode == mode
-    x = sources.decode(path)  # what training and evaluation read (through the cache)
+    x = images.decode(path)  # what training and evaluation read (through the cache)
     assert x.dtype == torch.uint8 and x.shape == (3, 32, 32)
     assert torch.equal(x, reference(path))
     assert torch.equal(read_image(path), x)  # prediction reads the very same pixels
-    monkeypatch.setattr(sources, "_torchvision_decode", lambda p: None)  # PIL alone agrees
-    assert torch.equal(sources.decode(path), x)
+    monkeypatch.setattr(images, "_torchvision_decode", lambda p: None)  # PIL alone agrees
+    assert torch.equal(images.decode(path), x)
 
 
 def test_sixteen_bit_grayscale_is_scaled_not_clipped(image_folder):
@@ -694,7 +695,7 @@ def test_exif_orientation_is_applied_alike_in_training_and_prediction(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
     Image.fromarray(np.asarray(sample_image("RGB"))[:, :16].repeat(2, axis=1)).save(path, exif=exif)
-    x = sources.decode(path)
+    x = images.decode(path)
     raw = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1)
     assert torch.equal(x, reference(path)) and not torch.equal(x, raw)  # turned upright
     assert torch.equal(read_image(path), x)
@@ -741,8 +742,8 @@ def unprivileged():
 
 
 def decoded_files(monkeypatch) -> list[Path]:
-    """The files sources.decode is asked for, from now on."""
-    seen, real = [], sources.decode
+    """The files images.decode is asked for, from now on."""
+    seen, real = [], images.decode
     monkeypatch.setattr(sources, "decode", lambda path, size=(32, 32): seen.append(path) or real(path, size))
     return seen
 

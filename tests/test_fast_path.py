@@ -22,7 +22,8 @@ from torch.nn import functional as F
 from torch.utils.data import DistributedSampler
 
 from lit_cifar import CIFARClassifier
-from lit_cifar.data import CIFARDataModule, TensorLoader, random_crop_flip
+from lit_cifar.data import CIFARDataModule
+from lit_cifar.loaders import TensorLoader, random_crop_flip
 
 N, PAD, SIZE = 300, 4, 32  # training images (after 12 held out for validation), padding, side
 OFFSETS = 2 * PAD + 1  # crop offsets per axis: 0..2*PAD

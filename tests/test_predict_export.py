@@ -13,8 +13,10 @@ from conftest import CLASSES, quiet_trainer, write_image_folder
 from PIL import Image
 
 from lit_cifar import CIFARClassifier, CIFARDataModule, UserError
+from lit_cifar.checkpoints import load_model, read_checkpoint
 from lit_cifar.cli import main as cli_main
-from lit_cifar.inference import CSV_COLUMNS, SKIPPED_EXIT, load_model, read_checkpoint, read_image
+from lit_cifar.images import read_image
+from lit_cifar.prediction import CSV_COLUMNS, SKIPPED_EXIT
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,10 +18,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.nn import functional as F
 
 from lit_cifar import CIFARClassifier, CIFARDataModule, build_net
+from lit_cifar.checkpoints import SafeCheckpointIO, load_checkpoint
 from lit_cifar.cli import LitCifarCLI
 from lit_cifar.cli import main as cli_main
-from lit_cifar.data import TensorLoader
-from lit_cifar.guards import SafeCheckpointIO, load_checkpoint
+from lit_cifar.loaders import TensorLoader
 
 REPO = Path(__file__).resolve().parents[1]
 LAST = Path("lightning_logs/version_0/checkpoints/last.ckpt")
@@ -160,7 +160,7 @@ def test_a_crash_inside_a_checkpoint_write_keeps_the_old_checkpoint(monkeypatch)
 
 KEEP_SAVING = """
 import io, sys, time, torch
-from lit_cifar.guards import SafeCheckpointIO
+from lit_cifar.checkpoints import SafeCheckpointIO
 
 real_save = torch.save
 

@@ -10,9 +10,9 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lit_cifar import CIFARClassifier, CIFARDataModule
-from lit_cifar.callbacks import TensorBoardDashboard
+from lit_cifar.dashboard import TensorBoardDashboard
 from lit_cifar.data import MEAN_STD
-from lit_cifar.guards import DivergenceGuard
+from lit_cifar.divergence import DivergenceGuard
 
 
 def test_normalization_constants_are_made_once_per_device(monkeypatch):

@@ -18,13 +18,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lit_cifar import CIFARClassifier, CIFARDataModule, build_net
-from lit_cifar.callbacks import (
-    HPARAMS_METRICS,
-    TensorBoardDashboard,
-    _for_display,
-    channel_grid,
-    layer_outputs,
-)
+from lit_cifar.dashboard import HPARAMS_METRICS, TensorBoardDashboard, _for_display
+from lit_cifar.figures import channel_grid, layer_outputs
 
 REPO = Path(__file__).resolve().parents[1]
 FEATURE_MAPS = [f"val/feature_maps/{n}" for n in ("0_conv2d", "1_maxpool2d", "2_conv2d", "3_maxpool2d")]

@@ -1,27 +1,16 @@
-"""What keeps a long run safe: checkpoints written atomically and read weights-only, a stop at divergence.
-
-The `lit-cifar` command and scripts/train.py use all of it (see lit_cifar/cli.py); docs/reliability.md
-lists the faults each part was tried against and what the user sees.
-
-    python -c "from lit_cifar.guards import load_checkpoint; print(load_checkpoint('last.ckpt').keys())"
-"""
+"""TODO docstring: lit_cifar/checkpoints.py."""
 
 import os
 import pickle
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lit_cifar.errors import UserError, one_line
-from lit_cifar.module import SCHEDULES
-
-# ---------------------------------------------------------------------------- reading and writing checkpoints
+from lit_cifar.module import CIFARClassifier
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -137,47 +126,6 @@ def _names(names: list[str]) -> str:
     )
 
 
-def check_writable(folder: str | Path, setting: str) -> None:
-    """UserError unless `folder` is, or can be made, a folder this process may write in."""
-    path = Path(folder).absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
-    if existing.is_symlink() and not existing.exists():
-        raise UserError(f"{existing} is a broken symbolic link: fix it, or choose another {setting}.")
-    if not existing.is_dir():
-        raise UserError(f"{existing} is a file, not a folder: choose another {setting}.")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(
-            f"{existing} is read-only for this user: choose a folder you may write with {setting}."
-        )
-
-
-def check_output(path: str | Path, written_by_us: Callable[[Path], bool], setting: str) -> None:
-    """UserError unless `path` can be written: not a folder, its folder writable, and an existing file
-    only when this command wrote it (a re-run replaces its own output, never a user's other file)."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(
-            f"{path} is a folder, not a file: give {setting} a file path (e.g. a new file in {path})."
-        )
-    if path.exists() and not written_by_us(path):
-        raise UserError(
-            f"{path} exists and was not written by this command: it is never overwritten. Give "
-            f"{setting} another name, or remove the file yourself."
-        )
-    check_writable(path.parent, setting)
-
-
-def check_accelerator(accelerator: str | None, setting: str) -> None:
-    """UserError when a GPU is asked for and there is none (Lightning's own message names no fix)."""
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        if accelerator == "cuda" or not torch.backends.mps.is_available():
-            raise UserError(
-                f"accelerator {accelerator!r} asked for, but this machine has no usable GPU (torch "
-                f"{torch.__version__}, CUDA build {torch.version.cuda}): use {setting} cpu (or auto: a "
-                f"GPU when there is one)."
-            )
-
-
 def _reason(err: BaseException) -> str:
     """The gist of a torch.load error: the unpickler's own complaint, else the first sentence."""
     text = str(err).strip()
@@ -235,97 +183,37 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-# ---------------------------------------------------------------------------- divergence
+INPUT_SETTINGS = ("dataset", "normalize")  # the DataModule settings that decide what the model sees
 
 
-class Diverged(UserError):
-    """The training loss or the weights became NaN or infinite."""
+def read_checkpoint(path: str | Path) -> dict:
+    """A lit-cifar checkpoint's dict, read weights-only (load_checkpoint); else a UserError."""
+    ckpt = load_checkpoint(path)
+    hparams = ckpt.get("hyper_parameters")
+    if not isinstance(hparams, dict) or "net" not in hparams:
+        raise UserError(
+            f"{path} is not a lit-cifar checkpoint (no CIFARClassifier hyperparameters): "
+            f"give a .ckpt file written by `lit-cifar fit` or scripts/train.py."
+        )
+    check_hparams(ckpt, CIFARClassifier, path)
+    return ckpt
 
 
-NO_STEP = 2**62  # "no bad step seen yet"; the min over ranks of it stays NO_STEP
+def load_model(path: str | Path) -> tuple[CIFARClassifier, dict]:
+    """(the model, in eval mode on the CPU; the DataModule settings its inputs were prepared with)."""
+    ckpt = read_checkpoint(path)
+    try:
+        model = CIFARClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, KeyError, TypeError) as err:  # weights of another shape, unknown settings
+        first = str(err).strip().splitlines()[0]
+        raise UserError(f"{path} does not fit the lit-cifar model: {first[:200]}") from None
+    return model.eval(), input_settings(ckpt)
 
 
-class DivergenceGuard(Callback):
-    """Stops training at the first NaN/inf loss, before a diverged model can overwrite a checkpoint.
+def input_settings(ckpt: dict) -> dict:
+    """The training DataModule's `dataset` and `normalize`: how to prepare images for this model.
 
-    Each step adds two tiny device ops (is the loss finite? remember the first bad step); the host
-    reads that flag only every `check_every_n_steps`, at each epoch end and before every checkpoint
-    write, so the hot loop never waits on the device. A save also checks the weights themselves.
-    Stopping raises `Diverged`: entry points print its message and exit non-zero; the last
-    checkpoint written before the divergence stays as it was.
+    Missing (a model trained without the DataModule): the DataModule's defaults apply.
     """
-
-    def __init__(self, check_every_n_steps: int | None = None) -> None:
-        """
-        Args:
-            check_every_n_steps: how often the host looks at the flag; None: the Trainer's
-                log_every_n_steps (when Lightning reads the logged values anyway).
-        """
-        super().__init__()
-        if check_every_n_steps is not None and check_every_n_steps < 1:
-            raise UserError(f"check_every_n_steps must be at least 1, got {check_every_n_steps}.")
-        self.check_every_n_steps = check_every_n_steps
-        self._bad_step: torch.Tensor | None = None  # int64 scalar on the device: first bad step or NO_STEP
-        self._bad_loss: torch.Tensor | None = None  # the loss at that step (nan or inf)
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._bad_step = torch.full((), NO_STEP, dtype=torch.int64, device=pl_module.device)
-        self._bad_loss = torch.zeros((), device=pl_module.device)
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx):
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if loss is None or self._bad_step is None:  # a skipped step has no loss
-            return
-        loss = loss.detach()
-        first = ~torch.isfinite(loss) & (self._bad_step == NO_STEP)
-        self._bad_step = torch.where(first, trainer.global_step, self._bad_step)
-        self._bad_loss = torch.where(first, loss.float(), self._bad_loss)
-        every = self.check_every_n_steps or trainer.log_every_n_steps
-        if trainer.global_step % every == 0:
-            self._check(trainer)
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._check(trainer)
-
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        # Runs inside every save, on every rank, before anything is written: raising here keeps the
-        # previous file. The loss flag may lag the weights by one step, so look at the weights too.
-        self._check(trainer)
-        params = [p for p in pl_module.parameters()]
-        if params and not torch.stack([torch.isfinite(p).all() for p in params]).all():
-            raise Diverged(
-                f"training diverged: the weights became NaN or infinite at step {trainer.global_step}. "
-                + self._advice(trainer, pl_module)
-            )
-
-    def _check(self, trainer: L.Trainer) -> None:
-        if self._bad_step is None or trainer.sanity_checking:
-            return
-        # the earliest bad step over all ranks, so every rank stops at the same check
-        step = int(trainer.strategy.reduce(self._bad_step.clone(), reduce_op="min"))
-        if step == NO_STEP:
-            return
-        value = f"{self._bad_loss.item()}" if int(self._bad_step) == step else "NaN or infinite"
-        raise Diverged(
-            f"training diverged: the training loss was {value} at step {step}. "
-            + self._advice(trainer, trainer.lightning_module)
-        )
-
-    @staticmethod
-    def _advice(trainer: L.Trainer, pl_module: L.LightningModule) -> str:
-        kept = sorted(
-            {cb.last_model_path for cb in trainer.checkpoint_callbacks if getattr(cb, "last_model_path", "")}
-        )
-        kept = [p for p in kept if Path(p).is_file()]
-        where = "no checkpoint had been written yet"
-        if kept:
-            step = torch.load(kept[0], map_location="cpu", weights_only=True).get("global_step", "?")
-            where = f"the last good checkpoint is kept: {kept[0]} (step {step})"
-        hp = getattr(pl_module, "hparams", {})
-        tips = [f"lower the learning rate (--model.lr, now {hp['lr']:g})"] if "lr" in hp else []
-        if hp.get("schedule") == "constant":  # a schedule with a warm-up: every one but constant
-            tips += [f"warm it up (--model.schedule {' or '.join(s for s in SCHEDULES if s != 'constant')})"]
-        elif "warmup_fraction" in hp:
-            tips += [f"warm up longer (--model.warmup_fraction, now {hp['warmup_fraction']:g})"]
-        advice = " or ".join(tips)
-        return f"The run stopped there without saving; {where}. {advice[:1].upper()}{advice[1:]}, then start again."
+    saved = ckpt.get("datamodule_hyper_parameters") or {}
+    return {k: saved[k] for k in INPUT_SETTINGS if k in saved}

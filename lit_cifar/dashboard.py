@@ -1,42 +1,22 @@
-"""TensorBoardDashboard: what a run shows in TensorBoard besides its scalars, as one switchable callback.
-
-The CLI adds it as `--dashboard.*` (see `lit-cifar fit --help`); e.g. `--dashboard.feature_maps false`.
-In plain Lightning: `Trainer(callbacks=[TensorBoardDashboard()], logger=TensorBoardLogger(".", log_graph=True))`.
-
-Its predictions are those the evaluation steps scored (`validation_step`/`test_step` return
-{"logits": ...}, read here as `outputs`), so with test-time augmentation too its pictures agree
-with val/acc and test/acc. Tags it writes (with a TensorBoardLogger; without one it does nothing):
-  val/inputs                    the first validation images (whose order deals out the classes):
-                                true label, predicted label
-  val/feature_maps/<i>_<layer>  the output of each conv and pooling layer of the net for those
-                                images: one row per image, one tile per channel
-  val/confusion_matrix          over the whole validation set, with per-class accuracy
-  test/confusion_matrix, test/misclassified (a grid of wrong predictions: true and predicted label)
-  HParams tab                   model + data hyperparameters, metrics val/acc_best and test/acc
-"""
+"""TODO docstring: lit_cifar/dashboard.py."""
 
 import io
-import math
 
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from PIL import Image
 from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import nn
-from torch.nn import functional as F
 from torch.utils.tensorboard.summary import hparams as hparams_summary
-from torchvision.utils import make_grid
 
 from lit_cifar.errors import UserError
+from lit_cifar.figures import channel_grid, confusion_figure, image_figure, layer_outputs
 
 # The HParams tab's metric columns: the values are the last points of the scalar series of these tags.
 HPARAMS_METRICS = ("val/acc_best", "test/acc")
-PICTURED_LAYERS = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)  # feature maps after each of these
 
 
 class TensorBoardDashboard(Callback):
@@ -146,7 +126,7 @@ class TensorBoardDashboard(Callback):
                 wrong = key >= 1
                 if wrong.any():
                     images = _for_display(x[wrong], trainer)
-                    figure = _image_figure(
+                    figure = image_figure(
                         images, y[wrong], pred[wrong], pl_module.class_names, "misclassified"
                     )
                     _add_png(logger, "test/misclassified", figure, trainer.global_step)
@@ -186,7 +166,7 @@ class TensorBoardDashboard(Callback):
         matrix = trainer.strategy.reduce(counts.to(pl_module.device), reduce_op="sum").view(c, c).cpu()
         self.matrices[stage] = matrix
         if trainer.is_global_zero and matrix.sum() > 0:
-            figure = _confusion_figure(matrix, pl_module.class_names, f"{stage}: step {trainer.global_step}")
+            figure = confusion_figure(matrix, pl_module.class_names, f"{stage}: step {trainer.global_step}")
             _add_png(logger, f"{stage}/confusion_matrix", figure, trainer.global_step)
 
     @torch.no_grad()
@@ -196,7 +176,7 @@ class TensorBoardDashboard(Callback):
         x, y, preds = (torch.cat(parts) for parts in zip(*self._picked, strict=True))
         step = trainer.global_step
         if self.inputs:
-            figure = _image_figure(
+            figure = image_figure(
                 _for_display(x, trainer), y.cpu(), preds.cpu(), pl_module.class_names, "inputs"
             )
             _add_png(logger, "val/inputs", figure, step)
@@ -209,9 +189,6 @@ class TensorBoardDashboard(Callback):
                 )
 
 
-# ---------------------------------------------------------------------------- helpers (also used by scripts/tour.py)
-
-
 def _logits(outputs) -> torch.Tensor | None:
     """(B, num_classes) logits an evaluation step returned as {"logits": ...}; None if it returned none."""
     if isinstance(outputs, dict) and "logits" in outputs:
@@ -220,32 +197,6 @@ def _logits(outputs) -> torch.Tensor | None:
         "TensorBoardDashboard: the evaluation step returned no {'logits': ...}, so no predictions."
     )
     return None
-
-
-def layer_outputs(net: nn.Sequential, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Run `net` layer by layer: ({"<i>_<layer>": output of each conv/pooling layer}, final output)."""
-    maps = {}
-    for i, layer in enumerate(net):
-        x = layer(x)
-        if isinstance(layer, PICTURED_LAYERS):
-            maps[f"{i}_{type(layer).__name__.lower()}"] = x
-    return maps, x
-
-
-def channel_grid(fmap: torch.Tensor, max_channels: int = 16, size: int = 32) -> torch.Tensor:
-    """(N, C, H, W) feature maps -> one (3, H', W') image: a row per image, a gray tile per channel.
-
-    Each tile is scaled to its own min..max, and small maps are enlarged (nearest) to `size` pixels.
-    """
-    fmap = fmap[:, :max_channels].detach().float().cpu()
-    n, c, h, w = fmap.shape
-    tiles = fmap.reshape(n * c, 1, h, w)
-    # each tile to [0, 1] in one op (make_grid's scale_each loops over the tiles in Python)
-    low, high = tiles.amin((2, 3), keepdim=True), tiles.amax((2, 3), keepdim=True)
-    tiles = (tiles - low) / (high - low).clamp(min=1e-5)
-    if h < size:
-        tiles = F.interpolate(tiles, scale_factor=size // h, mode="nearest")
-    return make_grid(tiles, nrow=c, padding=2, pad_value=1.0)
 
 
 def _for_display(x: torch.Tensor, trainer: Trainer) -> torch.Tensor:
@@ -267,71 +218,6 @@ def _add_png(logger: TensorBoardLogger, tag: str, image, step: int) -> None:
     encoded.encoded_image_string = buffer.getvalue()
     summary = Summary(value=[Summary.Value(tag=tag, image=encoded)])
     logger.experiment._get_file_writer().add_summary(summary, step)
-
-
-def _render(figure: Figure) -> np.ndarray:
-    """A matplotlib figure -> (H, W, 3) uint8, drawn by the Agg backend (no pyplot, no window)."""
-    canvas = FigureCanvasAgg(figure)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
-
-
-def _image_figure(images, labels, preds, class_names: list[str], title: str) -> np.ndarray:
-    """(N, 3, H, W) [0, 1] images in a grid, each under `true` / `→ predicted` (green right, red wrong).
-
-    One canvas in one axes, not a subplot per image: about 5x cheaper to draw.
-    """
-    n, _, h, w = images.shape
-    cols = min(n, math.ceil(math.sqrt(2 * n)))  # about twice as wide as high, like a TensorBoard card
-    rows = -(-n // cols)
-    band, pad = h * 2 // 3, 2  # room for the two label lines above each image, in image pixels
-    canvas = torch.ones(3, rows * (h + band), cols * (w + pad))
-    width, height = canvas.shape[2] / 36, canvas.shape[1] / 36 + 0.25  # inches: a 32-pixel image ~0.9"
-    figure = Figure(figsize=(width, height), dpi=80)
-    figure.suptitle(f"{title}: true label → predicted", fontsize=9, y=1 - 0.05 / height)
-    ax = figure.add_axes((0, 0, 1, 1 - 0.25 / height))
-    ax.axis("off")
-    for i in range(n):
-        top, left = (i // cols) * (h + band) + band, (i % cols) * (w + pad)
-        canvas[:, top : top + h, left : left + w] = images[i]
-        true, pred = class_names[int(labels[i])], class_names[int(preds[i])]
-        color = "green" if true == pred else "red"
-        ax.text(left + w / 2, top - 1, f"{true}\n→ {pred}", ha="center", va="bottom", fontsize=8, color=color)
-    ax.imshow(canvas.permute(1, 2, 0).numpy(), interpolation="nearest")
-    return _render(figure)
-
-
-def _confusion_figure(matrix: torch.Tensor, class_names: list[str], title: str) -> np.ndarray:
-    """(C, C) counts -> a figure: rows normalized to 1 (color), per-class accuracy beside the rows."""
-    counts = matrix.double()
-    per_class = counts.diag() / counts.sum(1).clamp(min=1)  # (C,) recall = per-class accuracy
-    rates = counts / counts.sum(1, keepdim=True).clamp(min=1)
-    c = len(class_names)
-    small = c <= 20  # names and counts stay readable up to about 20 classes
-    figure = Figure(figsize=(6.4, 5.4) if small else (8, 8), dpi=80)
-    # fixed margins (room for the class names) instead of tight_layout, which draws everything twice
-    ax = figure.add_axes((0.2, 0.17, 0.78, 0.76) if small else (0.06, 0.06, 0.9, 0.88))
-    ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
-    accuracy = counts.diag().sum() / counts.sum()
-    ax.set_title(f"{title}   accuracy {accuracy:.3f}", fontsize=9)
-    ax.set_xlabel("predicted", fontsize=8)
-    ax.set_ylabel("true (per-class accuracy)", fontsize=8)
-    if small:
-        ax.set_xticks(range(c), class_names, rotation=45, ha="right", fontsize=7)
-        seen = (counts.sum(1) > 0).tolist()
-        accuracies = [f"{a:.0%}" if s else "-" for a, s in zip(per_class.tolist(), seen, strict=True)]
-        ax.set_yticks(range(c), [f"{n} {a}" for n, a in zip(class_names, accuracies, strict=True)])
-        ax.tick_params(axis="y", labelsize=7)
-        # Counts on the diagonal and in each row's most frequent confusion: each text costs ~1 ms to draw.
-        off_diagonal = rates - torch.eye(c, dtype=rates.dtype)
-        for i, j in [(i, i) for i in range(c)] + list(enumerate(off_diagonal.argmax(1).tolist())):
-            if counts[i, j] > 0:
-                color = "white" if rates[i, j] > 0.5 else "black"
-                ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=7, color=color)
-    return _render(figure)
-
-
-# ---------------------------------------------------------------------------- HParams
 
 
 def _tensorboard(trainer: Trainer) -> TensorBoardLogger | None:
