@@ -217,3 +217,15 @@ def input_settings(ckpt: dict) -> dict:
     """
     saved = ckpt.get("datamodule_hyper_parameters") or {}
     return {k: saved[k] for k in INPUT_SETTINGS if k in saved}
+
+
+def model_from(ckpt: dict, path: str | Path) -> CIFARClassifier:
+    """The model of a checkpoint already read, in eval mode on the CPU; a UserError when it does not fit."""
+    hparams = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if not k.startswith("_")}
+    try:
+        model = CIFARClassifier(**hparams)
+        model.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, KeyError, TypeError) as err:  # weights of another shape, unknown settings
+        first = str(err).strip().splitlines()[0]
+        raise UserError(f"{path} does not fit the lit-cifar model: {first[:200]}") from None
+    return model.eval()

@@ -236,3 +236,14 @@ def test_test_reports_accuracy_per_class(ckpt):
     results = trainer.test(model, datamodule=data)[0]
     per_class = [results[f"test/acc_{name}"] for name in CLASSES]
     assert results["test/acc"] == pytest.approx(sum(per_class) / 3)  # 4 test images per class
+
+
+def test_cli_predict_reads_the_checkpoint_once(ckpt, tmp_path, monkeypatch):
+    image = tmp_path / "one.png"
+    Image.fromarray(np.full((32, 32, 3), 90, dtype=np.uint8)).save(image)
+    loads, torch_load = [], torch.load
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "load", lambda f, *a, **k: loads.append(f) or torch_load(f, *a, **k))
+        cli_main(["predict", f"--ckpt_path={ckpt}", f"--data.predict_dir={image}"])
+    assert loads == [ckpt]  # one read, by lit-cifar's own weights-only reader; none by Lightning
+    check_rows(read_csv(Path("predictions.csv")), [image], expected_probs(ckpt, [image]))
