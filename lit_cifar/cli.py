@@ -91,9 +91,8 @@ def print_summary(trainer, metric: str, value: float | None) -> None:
     logs = trainer.logger.log_dir if trainer.logger else None
     value = float(value) if value is not None else math.nan
     acc = f"{metric} {value:.4f}" if math.isfinite(value) else f"{metric} not measured"
-    best = (
-        trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    ) or "(none saved)"
+    ckpt = trainer.checkpoint_callback
+    best = (ckpt.best_model_path if ckpt else "") or "(none saved)"
     print(f"{acc} | best checkpoint: {best} | logs: {logs or '(none written)'}")
 
 
@@ -193,9 +192,8 @@ class LitCifarCLI(LightningCLI):
         trainer = _own(self.config_init).trainer
         callbacks = trainer.callbacks or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-        if trainer.enable_progress_bar is not False and not any(
-            isinstance(c, ProgressBar) for c in callbacks
-        ):
+        own_bar = any(isinstance(c, ProgressBar) for c in callbacks)
+        if trainer.enable_progress_bar is not False and not own_bar:  # unless turned off or brought along
             kwargs["callbacks"] = [*callbacks, TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_RATE)]
         try:
             trainer = super().instantiate_trainer(**kwargs)
