@@ -1,6 +1,5 @@
-"""Run folders for the `lit-cifar` command (cli.py calls these): which run `--ckpt_path last` continues,
-in its own log folder and with its own settings, and which folders a new run may write in.
-"""
+"""Run folders of the `lit-cifar` command (cli.py calls these): which run `--ckpt_path last` continues,
+in its own log folder and with its own settings, and which folders a new run may write in."""
 
 import glob
 import os
@@ -12,10 +11,9 @@ import yaml
 
 from lit_cifar.errors import UserError, check_writable, on_failure
 
-# Settings a resumed run may take from the command line rather than from its saved config: where and
-# how it runs and what it reports (prefixes of dotted keys). Everything else (the model, the data and
-# its split, batch size, seed, the Trainer's training settings) changes what is trained, and must be
-# the run's own; trainer.max_epochs may grow.
+# What a resumed run may take from the command line rather than from its saved config: where and how it
+# runs and what it reports (prefixes of dotted keys). All else (model, data and its split, batch size,
+# seed, the Trainer's training settings) changes what is trained: the run's own; max_epochs may grow.
 RESUME_MAY_CHANGE = tuple(
     "ckpt_path checkpoint last_checkpoint lr_monitor divergence_guard dashboard prediction "
     "trainer.accelerator trainer.callbacks trainer.logger trainer.default_root_dir trainer.enable_progress_bar "
@@ -72,10 +70,8 @@ def saved_config(ckpt_path: str, ckpt: dict, known: dict) -> dict | None:
     if folder.name == "checkpoints" and (folder.parent / "config.yaml").is_file():
         saved = yaml.safe_load((folder.parent / "config.yaml").read_text()) or {}
     else:
-        saved = {
-            "model": ckpt.get("hyper_parameters") or {},
-            "data": ckpt.get("datamodule_hyper_parameters") or {},
-        }
+        sections = {"model": "hyper_parameters", "data": "datamodule_hyper_parameters"}
+        saved = {section: ckpt.get(key) or {} for section, key in sections.items()}
     saved = {k: v for k, v in saved.items() if k in known or any(n.startswith(k + ".") for n in known)}
     for section in ("model", "data"):  # link targets (num_classes, class_names) and old settings out
         if isinstance(saved.get(section), dict):
