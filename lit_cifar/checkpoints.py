@@ -136,8 +136,7 @@ def _names(names: list[str]) -> str:
 def read_checkpoint(path: str | Path) -> dict:
     """A lit-cifar checkpoint's dict, read weights-only (load_checkpoint); else a UserError."""
     ckpt = load_checkpoint(path)
-    hparams = ckpt.get("hyper_parameters")
-    if not isinstance(hparams, dict) or "net" not in hparams:
+    if not isinstance(ckpt.get("hyper_parameters"), dict) or "net" not in ckpt["hyper_parameters"]:
         raise UserError(
             f"{path} is not a lit-cifar checkpoint (no CIFARClassifier hyperparameters): {BY_TRAINING}"
         )
@@ -146,7 +145,7 @@ def read_checkpoint(path: str | Path) -> dict:
 
 
 def model_from(ckpt: dict, path: str | Path) -> CIFARClassifier:
-    """The model of a checkpoint already read, in eval mode on the CPU; a UserError when it does not fit."""
+    """The model of a checkpoint read_checkpoint returned (no file access), in eval mode on the CPU."""
     try:
         model = CIFARClassifier(**_hparams(ckpt))
         model.load_state_dict(ckpt["state_dict"])
@@ -157,8 +156,7 @@ def model_from(ckpt: dict, path: str | Path) -> CIFARClassifier:
 
 
 def load_model(path: str | Path) -> tuple[CIFARClassifier, dict]:
-    """(the model, in eval mode on the CPU; the DataModule settings its inputs were prepared with),
-    from one read of the file."""
+    """(the model, in eval mode on the CPU; the DataModule settings it was trained with): one file read."""
     ckpt = read_checkpoint(path)
     return model_from(ckpt, path), input_settings(ckpt)
 
