@@ -23,7 +23,7 @@ import torch
 from lit_cifar.checkpoints import load_model
 from lit_cifar.data import CIFARDataModule
 from lit_cifar.errors import ArgumentParser, UserError, boundary, check_output
-from lit_cifar.export import EXPORT, SUFFIXES, Deployable, is_export
+from lit_cifar.export import SUFFIXES, Deployable, export, is_export, run
 from lit_cifar.images import find_images, read_image
 
 TOLERANCE = 1e-4  # max abs difference of probabilities, exported vs checkpoint
@@ -52,7 +52,7 @@ def check_images(folder: str | None) -> tuple[torch.Tensor, str]:
             print(f"skipped unreadable {path}: {err}", file=sys.stderr)
     if not images:
         raise UserError(f"no readable images in {folder} to check the export on.")
-    return torch.stack(images), f"{folder}"
+    return torch.stack(images), folder
 
 
 def main(args: Namespace) -> None:
@@ -62,41 +62,36 @@ def main(args: Namespace) -> None:
         check_output(output, is_export, "--output")
         model, settings = load_model(args.ckpt)
         data = CIFARDataModule(**settings)
-        net = copy.deepcopy(model.net).to(memory_format=torch.contiguous_format)
+        net = copy.deepcopy(model.net).to(memory_format=torch.contiguous_format)  # NCHW, as exported
         mean_std = data.mean_std if data.hparams.normalize else None
         deployable = Deployable(net, model.class_names, mean_std, model.hparams.get("flip_tta", False))
         images, source = check_images(given.get("check_images"))
         with torch.no_grad():  # the checkpoint's own path: the DataModule's preparation, predict_step
             expected = model.predict_step(data.to_float(images), 0)
         output.parent.mkdir(parents=True, exist_ok=True)
-        export, run = EXPORT[args.format]
         # Written beside the target, renamed into place only once it passed: never a half or bad file.
         tmp = output.with_name(f".{output.stem}.{os.getpid()}.tmp{output.suffix}")
         try:
-            export(deployable.eval(), tmp)
-            got = run(tmp, images)
-            if got is None:
-                print(
-                    "onnxruntime is not installed: checked the ONNX graph only (pip install -e '.[export]')"
+            export(deployable.eval(), args.format, tmp)
+            # all images in one batch, and the first alone: any batch size works
+            diff = max(
+                (run(args.format, tmp, x) - expected[: len(x)]).abs().max().item()
+                for x in (images, images[:1])
+            )
+            print(
+                f"max abs difference of probabilities, {args.format} vs checkpoint, on {len(images)} "
+                f"images ({source}): {diff:.2e} (tolerance {TOLERANCE:.0e})"
+            )
+            if not diff <= TOLERANCE:
+                raise UserError(
+                    f"the exported model disagrees with the checkpoint ({diff:.2e} > {TOLERANCE:.0e}): "
+                    f"nothing was written."
                 )
-            else:
-                single = run(tmp, images[:1])  # batch size 1 works too
-                diff = max((got - expected).abs().max().item(), (single - expected[:1]).abs().max().item())
-                print(
-                    f"max abs difference of probabilities, {args.format} vs checkpoint, on {len(images)} "
-                    f"images ({source}): {diff:.2e} (tolerance {TOLERANCE:.0e})"
-                )
-                if not diff <= TOLERANCE:
-                    raise UserError(
-                        f"the exported model disagrees with the checkpoint ({diff:.2e} > {TOLERANCE:.0e}): "
-                        f"nothing was written."
-                    )
             os.replace(tmp, output)
         finally:
             tmp.unlink(missing_ok=True)
-    print(
-        f"wrote {output} (input: uint8 images (N, 3, 32, 32); output: probabilities (N, {len(model.class_names)}))"
-    )
+    n = len(model.class_names)
+    print(f"wrote {output} (input: uint8 images (N, 3, 32, 32); output: probabilities (N, {n}))")
 
 
 if __name__ == "__main__":
