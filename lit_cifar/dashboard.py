@@ -7,7 +7,6 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import nn
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from lit_cifar.errors import UserError
@@ -59,11 +58,13 @@ class TensorBoardDashboard(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-        wanted = (self.inputs, self.feature_maps, self.confusion_matrix, self.misclassified, self.hparams)
         if stage == "predict":  # nothing to show
             return
         if self._logger is None:
-            if any(wanted) and not trainer.fast_dev_run:  # fast_dev_run turns the logger off on purpose
+            wanted = any(
+                (self.inputs, self.feature_maps, self.confusion_matrix, self.misclassified, self.hparams)
+            )
+            if wanted and not trainer.fast_dev_run:  # fast_dev_run turns the logger off on purpose
                 rank_zero_warn("TensorBoardDashboard writes nothing: the trainer has no TensorBoardLogger.")
         elif self.hparams and trainer.is_global_zero and self._logger.log_dir not in self._hparams_written:
             _write_hparams(self._logger, trainer, pl_module)  # once per run folder (fit, then test)
@@ -76,67 +77,38 @@ class TensorBoardDashboard(Callback):
 
     on_test_epoch_start = on_validation_epoch_start
 
-    def on_validation_batch_end(
-        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
-    ) -> None:
-        if not trainer.sanity_checking and (preds := self._count(outputs, batch[1])) is not None:
-            picked = sum(len(p[1]) for p in self._picked)
-            if dataloader_idx == 0 and picked < self.num_images and (self.inputs or self.feature_maps):
-                k = self.num_images - picked
-                self._picked.append((batch[0][:k].detach().clone(), batch[1][:k], preds[:k]))
+    def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args) -> None:
+        if not trainer.sanity_checking:
+            self._collect("val", *args)
 
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if (preds := self._count(outputs, batch[1])) is not None and self.misclassified:
-            self._keep_wrong(batch[0], batch[1], preds, batch_idx)
+    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args) -> None:
+        self._collect("test", *args)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._logger is None or trainer.sanity_checking:
-            return
-        self._log_confusion_matrix(trainer, pl_module, "val")
-        if trainer.is_global_zero and self._picked:
-            x, y, preds = (torch.cat(parts) for parts in zip(*self._picked, strict=True))
-            if self.inputs:
-                figure = image_figure(
-                    _for_display(x, trainer), y.cpu(), preds.cpu(), pl_module.class_names, "inputs"
-                )
-                self._logger.experiment.add_image(
-                    "val/inputs", figure, trainer.global_step, dataformats="HWC"
-                )
-            if self.feature_maps and isinstance(pl_module.net, nn.Sequential):
-                with torch.no_grad():
-                    maps, _ = layer_outputs(pl_module.net, x)
-                for name, fmap in maps.items():  # (3, H, W) grids in [0, 1]
-                    grid = channel_grid(fmap[: self.feature_map_images], self.max_channels, size=16)
-                    self._logger.experiment.add_image(f"val/feature_maps/{name}", grid, trainer.global_step)
+        if not trainer.sanity_checking:
+            self._log_epoch("val", trainer, pl_module)
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._log_epoch("test", trainer, pl_module)
+
+    def _collect(self, stage: str, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        # On the device, without host syncs: counts, a few first images, a running pick of wrong ones.
         if self._logger is None:
             return
-        self._log_confusion_matrix(trainer, pl_module, "test")
-        if trainer.is_global_zero and self._wrong is not None:
-            x, y, pred, key = (t.cpu() for t in self._wrong)  # the one host sync of the test epoch
-            if (wrong := key >= 1).any():
-                images = _for_display(x[wrong], trainer)
-                figure = image_figure(images, y[wrong], pred[wrong], pl_module.class_names, "misclassified")
-                self._logger.experiment.add_image(
-                    "test/misclassified", figure, trainer.global_step, dataformats="HWC"
-                )
-
-    def _count(self, outputs, y: torch.Tensor) -> torch.Tensor | None:
-        """The (B,) predictions of the logits the step returned, counted in the confusion matrix."""
-        if self._logger is None or (logits := _logits(outputs)) is None:
-            return None
-        preds, c = logits.argmax(1), logits.shape[1]
-        if (
-            self.confusion_matrix
-        ):  # an index-add on the device (a GPU's bincount reads its input's max on the host)
+        logits = outputs["logits"]  # (B, C): what the step scored (with flip_tta, not what a hook would see)
+        (x, y), preds, c = batch[:2], logits.argmax(1), logits.shape[1]
+        if self.confusion_matrix:  # index_add_: a GPU's bincount reads its input's max on the host
             self._matrix.index_add_(0, y * c + preds, torch.ones_like(y))
-        return preds
+        if stage == "test" and self.misclassified:
+            self._keep_wrong(x, y, preds, batch_idx)
+        k = self.num_images - sum(len(p[1]) for p in self._picked)
+        if stage == "val" and dataloader_idx == 0 and k > 0 and (self.inputs or self.feature_maps):
+            self._picked.append((x[:k].detach().clone(), y[:k], preds[:k]))
 
     def _keep_wrong(self, x: torch.Tensor, y: torch.Tensor, pred: torch.Tensor, batch_idx: int) -> None:
-        # A running pick of K images in fixed shapes (no host sync per batch): the top K keys, where
-        # wrong images score 1 + u and right ones u, u in [0, 1) a golden-ratio sequence over the
-        # image's position, so the kept wrong ones spread over the whole test set.
+        # A running pick of K images in fixed shapes: the top K keys, where wrong images score 1 + u and
+        # right ones u, u in [0, 1) a golden-ratio sequence over the image's position, so the kept wrong
+        # ones spread over the whole test set.
         position = batch_idx * len(y) + torch.arange(len(y), device=y.device)
         key = (pred != y).float() + (position * 0.6180339887) % 1
         parts = (x.detach(), y, pred, key)
@@ -145,29 +117,36 @@ class TensorBoardDashboard(Callback):
         order = torch.topk(parts[3], min(self.num_misclassified, len(parts[3]))).indices
         self._wrong = tuple(p[order] for p in parts)
 
-    def _log_confusion_matrix(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if not self.confusion_matrix:
+    @torch.no_grad()
+    def _log_epoch(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._logger is None:
             return
-        c = pl_module.hparams.num_classes
-        # (C, C): rows true, columns predicted; summed over the ranks (every rank takes part)
-        self.matrices[stage] = matrix = (
-            trainer.strategy.reduce(self._matrix, reduce_op="sum").view(c, c).cpu()
-        )
-        if trainer.is_global_zero and matrix.sum() > 0:
-            figure = confusion_figure(matrix, pl_module.class_names, f"{stage}: step {trainer.global_step}")
-            self._logger.experiment.add_image(
-                f"{stage}/confusion_matrix", figure, trainer.global_step, dataformats="HWC"
-            )
+        names, step = pl_module.class_names, trainer.global_step
 
+        def show(tag: str, image: torch.Tensor) -> None:  # (H, W, 3): uint8, or float in [0, 1]
+            self._logger.experiment.add_image(f"{stage}/{tag}", image, step, dataformats="HWC")
 
-def _logits(outputs) -> torch.Tensor | None:
-    """(B, num_classes) logits an evaluation step returned as {"logits": ...}; None if it returned none."""
-    if isinstance(outputs, dict) and "logits" in outputs:
-        return outputs["logits"]
-    rank_zero_warn(
-        "TensorBoardDashboard: the evaluation step returned no {'logits': ...}, so no predictions."
-    )
-    return None
+        if self.confusion_matrix:  # (C, C): rows true, columns predicted; summed over the ranks (all join)
+            c = pl_module.hparams.num_classes
+            matrix = trainer.strategy.reduce(self._matrix, reduce_op="sum").view(c, c).cpu()
+            self.matrices[stage] = matrix
+            if trainer.is_global_zero and matrix.sum() > 0:
+                show("confusion_matrix", confusion_figure(matrix, names, f"{stage}: step {step}"))
+        if not trainer.is_global_zero:
+            return
+        if self._picked:
+            x, y, preds = (torch.cat(parts) for parts in zip(*self._picked, strict=True))
+            if self.inputs:
+                show("inputs", image_figure(_for_display(x, trainer), y.cpu(), preds.cpu(), names, "inputs"))
+            if self.feature_maps:
+                for name, fmap in layer_outputs(pl_module.net, x)[0].items():
+                    grid = channel_grid(fmap[: self.feature_map_images], self.max_channels, size=16)
+                    show(f"feature_maps/{name}", grid.permute(1, 2, 0))
+        if self._wrong is not None:
+            x, y, pred, key = (t.cpu() for t in self._wrong)  # the one host sync of the test epoch
+            if (wrong := key >= 1).any():
+                images = _for_display(x[wrong], trainer)
+                show("misclassified", image_figure(images, y[wrong], pred[wrong], names, "misclassified"))
 
 
 def _for_display(x: torch.Tensor, trainer: Trainer) -> torch.Tensor:
@@ -185,12 +164,8 @@ def _write_hparams(logger: TensorBoardLogger, trainer: Trainer, pl_module: Light
     # without Lightning's own ("_" names). TensorBoardLogger.log_hyperparams(params, metrics) would log
     # each metric's starting value as a fake point of its series: here the metrics are only declared,
     # and the HParams tab reads their values from the real series.
-    params = {
-        **pl_module.hparams_initial,
-        **(trainer.datamodule.hparams_initial if trainer.datamodule else {}),
-    }
-    params = {
-        k: v for k, v in params.items() if not k.startswith("_") and isinstance(v, bool | int | float | str)
-    }
-    for summary in hparams_summary(params, dict.fromkeys(HPARAMS_METRICS, 0.0)):
+    data = trainer.datamodule.hparams_initial if trainer.datamodule else {}
+    params = {**pl_module.hparams_initial, **data}.items()
+    plain = {k: v for k, v in params if not k.startswith("_") and isinstance(v, bool | int | float | str)}
+    for summary in hparams_summary(plain, dict.fromkeys(HPARAMS_METRICS, 0.0)):
         logger.experiment.file_writer.add_summary(summary)
