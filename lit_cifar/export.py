@@ -3,6 +3,7 @@
 python scripts/export.py last.ckpt --format onnx    # writes last.onnx, checked against the checkpoint
 """
 
+import copy
 import json
 import warnings
 import zipfile
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from lit_cifar.errors import UserError
+from lit_cifar.module import CIFARClassifier
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
 
@@ -27,11 +29,11 @@ class Deployable(nn.Module):
 
     class_names: list[str]
 
-    def __init__(
-        self, net: nn.Module, class_names: list[str], mean_std: tuple | None, flip_tta: bool
-    ) -> None:
+    def __init__(self, model: CIFARClassifier, mean_std: tuple | None) -> None:
+        """`model`'s net (a copy, in NCHW), its class names and flip_tta; `mean_std` when it normalized."""
         super().__init__()
-        self.net, self.flip_tta, self.class_names = net, flip_tta, list(class_names)
+        self.net = copy.deepcopy(model.net).to(memory_format=torch.contiguous_format)
+        self.flip_tta, self.class_names = model.hparams.flip_tta, list(model.class_names)
         mean, std = mean_std or ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
@@ -64,7 +66,7 @@ def export(model: Deployable, fmt: str, path: Path) -> None:
     except ImportError as err:
         raise UserError(
             f"ONNX export needs onnx, onnxscript and onnxruntime ({err}): pip install -e '.[export]'."
-        )
+        ) from None
     program.model.metadata_props["class_names"] = json.dumps(model.class_names)
     program.save(path, external_data=False)  # one self-contained file
 
