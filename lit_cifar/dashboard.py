@@ -1,6 +1,8 @@
 """TensorBoardDashboard: the callback that draws the run's pictures and fills TensorBoard's HParams tab.
+A switch per picture, then the dashboard:
 
-lit-cifar fit --dashboard.feature_maps false    # one switch per picture; then: tensorboard --logdir lightning_logs
+    lit-cifar fit --dashboard.feature_maps false
+    tensorboard --logdir lightning_logs
 """
 
 import torch

@@ -1,6 +1,7 @@
 """Deployable, the network with its input preparation, and its export to ONNX or TorchScript.
+scripts/export.py writes an export only once it agrees with the checkpoint:
 
-python scripts/export.py last.ckpt --format onnx    # writes last.onnx, checked against the checkpoint
+    python scripts/export.py last.ckpt --format onnx
 """
 
 import copy

@@ -1,6 +1,8 @@
 """Predicting people's images: ImageFiles and its loader, PredictionWriter (the CSV and the table).
+Run by either of:
 
-python scripts/predict.py last.ckpt photos/    # or: lit-cifar predict --ckpt_path last.ckpt --data.predict_dir photos/
+    python scripts/predict.py last.ckpt photos/
+    lit-cifar predict --ckpt_path last.ckpt --data.predict_dir photos/
 """
 
 import csv
