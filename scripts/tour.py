@@ -63,8 +63,10 @@ def layer_tour(writer: SummaryWriter, x: torch.Tensor, num_classes: int) -> torc
     y = nn.MaxPool2d(kernel_size=3, ceil_mode=True)(x)  # (B, 3, 11, 11): still RGB
     show("MaxPool2d(kernel_size=3, ceil_mode=True)", x, y, "2_maxpool2d", y)
     centered = x * 2 - 1  # [-1, 1], so the activations have negatives to act on
-    show("ReLU() on 2x - 1", centered, y := nn.ReLU()(centered), "3_relu", y)
-    show("Tanh() on 2x - 1", centered, y := nn.Tanh()(centered), "4_tanh", (y + 1) / 2)
+    y = nn.ReLU()(centered)
+    show("ReLU() on 2x - 1", centered, y, "3_relu", y)
+    y = nn.Tanh()(centered)
+    show("Tanh() on 2x - 1", centered, y, "4_tanh", (y + 1) / 2)
     flat = torch.flatten(x, 1)
     y = nn.Linear(3 * 32 * 32, num_classes)(flat)  # (B, 3072) -> (B, 10): one row of scores per image
     heat = F.interpolate(((y - y.min()) / (y.max() - y.min() + 1e-8))[None, None], scale_factor=16)
