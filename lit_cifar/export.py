@@ -6,10 +6,7 @@ scripts/export.py writes an export only once it agrees with the checkpoint:
 
 import copy
 import json
-import warnings
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -50,8 +47,8 @@ class Deployable(nn.Module):
 def export(model: Deployable, fmt: str, path: Path) -> None:
     """`model` as ONNX or TorchScript, with its class names (ONNX metadata, TorchScript attribute)."""
     if fmt == "torchscript":
-        with _jit():
-            return torch.jit.script(model).save(str(path))
+        torch.jit.script(model).save(str(path))
+        return
     try:
         import onnxruntime  # noqa: F401 - not for the export, but `run` checks it with onnxruntime
 
@@ -75,20 +72,12 @@ def export(model: Deployable, fmt: str, path: Path) -> None:
 def run(fmt: str, path: Path, images: torch.Tensor) -> torch.Tensor:
     """The exported model at `path` on uint8 images (N, 3, 32, 32): probabilities (N, C)."""
     if fmt == "torchscript":
-        with _jit():
+        with torch.no_grad():
             return torch.jit.load(str(path), map_location="cpu")(images)
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
-
-
-@contextmanager
-def _jit() -> Iterator[None]:
-    # torch.jit is deprecated from torch 2.14 (a FutureWarning), yet it is what C++ and mobile runtimes load.
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.filterwarnings("ignore", "`torch.jit", FutureWarning)
-        yield
 
 
 def is_export(path: Path) -> bool:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from lit_cifar.checkpoints import load_model
+from lit_cifar.cli import quiet_upstream_notices
 from lit_cifar.data import CIFARDataModule
 from lit_cifar.errors import ArgumentParser, UserError, boundary, check_output
 from lit_cifar.export import SUFFIXES, Deployable, export, is_export, run
@@ -52,6 +53,7 @@ def check_images(folder: str | None) -> tuple[torch.Tensor, str]:
 def main(args: Namespace) -> None:
     given = vars(args)
     with boundary():
+        quiet_upstream_notices()  # torch.jit's deprecation notices
         output = Path(given.get("output") or Path(args.ckpt).with_suffix(SUFFIXES[args.format]))
         check_output(output, is_export, "--output")
         model, settings = load_model(args.ckpt)
