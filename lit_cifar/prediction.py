@@ -46,11 +46,8 @@ def image_loader(inputs: str | Sequence[str], batch_size: int, num_workers: int)
 
 
 class PredictionWriter(BasePredictionWriter):
-    """One CSV row per readable image: its path, the top 3 classes and probabilities; then a table.
-
-    Unreadable files are listed on stderr and in `skipped` (path, reason), so entry points can exit
-    non-zero. The CSV is written whole at the end, to a temporary file renamed into place.
-    """
+    """One CSV row per readable image (its path, the top 3 classes and probabilities), then a table.
+    Unreadable files go to stderr and `skipped` (path, reason): entry points exit SKIPPED_EXIT."""
 
     def __init__(self, output: str = "predictions.csv", show: int = 20) -> None:
         """
