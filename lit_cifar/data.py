@@ -96,6 +96,7 @@ class CIFARDataModule(L.LightningDataModule):
             )
         self.save_hyperparameters()
         self.data: dict[str, sources.Split | None] = {}
+        self._prepared: dict[str, dict] = {}  # split -> what prepare_data read, for setup in this process
         self._classes: list[str] | None = None  # known for sure once setup() read the files
         self._train_loader: TensorLoader | None = None
         self._train_state: dict | None = None  # a resumed run's place in the training data
@@ -136,9 +137,9 @@ class CIFARDataModule(L.LightningDataModule):
         stage = self.trainer.state.fn if self.trainer is not None else "fit"
         fit_splits = ["train", "test"] if sources.has_test(hp.data_dir) else ["train"]
         for split in {"validate": ["train"], "test": ["test"]}.get(stage, fit_splits):
-            n = sources.prepare(hp.data_dir, hp.dataset, hp.download, hp.checksums, split)
-            if split == "train":  # a bad val_size fails here, before any log is written
-                split_indices(n, hp.val_size, hp.split_seed)
+            self._prepared[split] = sources.prepare(hp.data_dir, hp.dataset, hp.download, hp.checksums, split)
+        if "train" in self._prepared:  # a bad val_size fails here, before any log is written
+            split_indices(len(self._prepared["train"]["train"][1]), hp.val_size, hp.split_seed)
 
     def setup(self, stage: str) -> None:
         if self.trainer is not None:  # the constants reach the device now, before any step
@@ -148,8 +149,11 @@ class CIFARDataModule(L.LightningDataModule):
         if stage == "predict" or split in self.data:
             return
         hp = self.hparams
-        loaded = sources.load(hp.data_dir, hp.dataset, hp.checksums, splits=(split,))
-        self._classes = loaded["classes"]
+        # What prepare_data just read in this process, else (another process) the cache.
+        loaded = self._prepared.pop(split, None) or sources.load(
+            hp.data_dir, hp.dataset, hp.checksums, (split,)
+        )
+        self._classes = loaded.get("classes", self._classes)
         if split == "test":
             self.data["test"] = mix_classes(*loaded["test"]) if loaded["test"] is not None else None
             return
