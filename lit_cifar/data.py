@@ -16,6 +16,7 @@ from torchvision.transforms import v2
 
 from lit_cifar import sources
 from lit_cifar.errors import UserError, check_number
+from lit_cifar.images import folder_classes, is_image_folder
 from lit_cifar.loaders import Samples, TensorLoader, mix_classes, random_crop_flip, split_indices
 from lit_cifar.prediction import image_loader
 
@@ -104,8 +105,8 @@ class CIFARDataModule(L.LightningDataModule):
     def classes(self) -> list[str]:
         if self._classes is not None:
             return self._classes
-        if sources.is_image_folder(self.hparams.data_dir):
-            return sources.folder_classes(self.hparams.data_dir)
+        if is_image_folder(self.hparams.data_dir):
+            return folder_classes(self.hparams.data_dir)
         # Before the files are read (to size the model); setup() takes the meta file's names.
         return CIFAR10_CLASSES if self.hparams.dataset == "cifar10" else sources.CIFAR100_CLASSES
 

@@ -1,8 +1,10 @@
-"""One image file -> uint8 RGB pixels, checked from its header first; the same pixels for training and prediction.
+"""Image files and image folders: checked (from the header, before decoding), then decoded to uint8 RGB.
 
 `decode` (training: 32x32 only) and `read_image` (prediction: any size, resized) both go through
-`open_image` (the checks) and `pixels` (the decoding). A file that cannot be used raises BadFile; `refuse`
-turns a folder's BadFiles into one error line. docs/data.md, "Reading an image", says what is accepted.
+`open_image` (the checks) and `pixels` (the decoding), so a file gives the same pixels in both.
+`list_folder` checks an image folder (train/<class>/*.png|jpg) file by file before anything is decoded.
+A file that cannot be used raises BadFile; `refuse` turns a folder's BadFiles into one error line.
+docs/data.md, "Reading an image" and "Bad input", says what is accepted and what each refusal reads.
 
     python -c "from lit_cifar.images import read_image; print(read_image('cat.png').shape)"
 """
@@ -22,13 +24,9 @@ from torchvision.io import ImageReadMode, decode_image, read_file
 from lit_cifar.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-KINDS = {
-    stat.S_IFREG: "a file",
-    stat.S_IFDIR: "a folder",
-    stat.S_IFIFO: "a named pipe",
-    stat.S_IFSOCK: "a socket",
-}
-KINDS |= {stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}
+SPLITS = ("train", "test")  # an image folder's: train/<class>/*.png|jpg, test/<class>/...
+KINDS = {stat.S_IFREG: "a file", stat.S_IFDIR: "a folder", stat.S_IFIFO: "a named pipe"}
+KINDS |= {stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}
 # What is wrong with a group of files, and the fix: (what, fix).
 NOT_REGULAR = ("are not regular files", "Replace each with a regular PNG/JPEG file, or move it out.")
 NOT_IMAGE = ("are not PNG or JPEG images", "Move them out of the image folder.")
@@ -186,3 +184,92 @@ def read_image(path: str | Path) -> torch.Tensor:
         small = Image.fromarray(x.permute(1, 2, 0).numpy()).resize((32, 32), Image.Resampling.BICUBIC)
         x = torch.from_numpy(np.array(small)).permute(2, 0, 1)  # (32, 32, 3) -> (3, 32, 32)
     return x
+
+
+def is_image_folder(data_dir: str | Path) -> bool:
+    """Holds train/ or test/ (of whatever kind: a file there is refused later, by name)."""
+    return any(os.path.lexists(Path(data_dir).expanduser() / split) for split in SPLITS)
+
+
+def folder_classes(data_dir: str | Path) -> list[str]:
+    """An image folder's classes: train/'s class folders (test/'s when there is no train/); at least two."""
+    root = Path(data_dir).expanduser()
+    found = {split: _class_folders(root / split) for split in SPLITS if os.path.lexists(root / split)}
+    if len(found) == 2 and found["train"] != found["test"]:
+        train, test = set(found["train"]), set(found["test"])
+        raise UserError(
+            f"{root / 'train'} and {root / 'test'} have different class folders "
+            f"(only in train: {sorted(train - test)}, only in test: {sorted(test - train)}): make them the same."
+        )
+    split, classes = next(iter(found.items()))
+    if len(classes) < 2:
+        raise UserError(
+            f"{root / split} holds {len(classes)} class folder(s) {classes}: a classifier needs at least two. "
+            f"Put each class's images in its own folder: {split}/<class>/*.png|jpg."
+        )
+    return classes
+
+
+def _class_folders(split_dir: Path) -> list[str]:
+    if (kind := file_kind(split_dir)[0]) != "a folder":
+        raise UserError(
+            f"{split_dir} is {kind}: make it a folder of class folders ({split_dir.name}/<class>/*.png)."
+        )
+    entries = _visible(split_dir)
+    if strays := [f"{p} ({k})" for p in entries if (k := file_kind(p)[0]) != "a folder"]:
+        raise UserError(
+            f"{split_dir} must hold only class folders, but holds {examples(strays)}: "
+            f"move images into a class folder ({split_dir.name}/<class>/x.png), anything else out."
+        )
+    return [p.name for p in entries]
+
+
+def _visible(path: Path) -> list[Path]:
+    try:
+        return sorted(p for p in path.iterdir() if not p.name.startswith("."))
+    except OSError as err:
+        raise UserError(f"cannot list {path} ({err.strerror}): make it a readable folder.") from None
+
+
+def list_folder(root: Path, split: str) -> tuple:
+    """(split folder, classes, image paths, labels, their stats), every file checked before any decoding:
+    regular files (never a named pipe, which would block), PNG/JPEG by name, no empty class folder."""
+    split_dir, classes = root / split, folder_classes(root)
+    if not os.path.lexists(split_dir):
+        fix = "or, with only test/, run `lit-cifar test`: fitting and validating read train/."
+        fix = "or run `validate` (on train/) instead." if split == "test" else fix
+        raise UserError(f"{root} has no {split}/ folder: add {split}/<class>/*.png|jpg images, {fix}")
+    found, problems = [], []
+    for label, name in enumerate(classes):
+        if not (files := _visible(split_dir / name)):
+            raise UserError(f"{split_dir / name} holds no images: add PNG/JPEG files or remove the folder.")
+        for path in files:
+            kind, st = file_kind(path)
+            if kind != "a file":
+                nested = "; class folders hold images, not folders" if kind == "a folder" else ""
+                problems.append((path, BadFile(NOT_REGULAR, kind + nested)))
+            elif path.suffix.lower() not in IMAGE_SUFFIXES:
+                problems.append((path, BadFile(NOT_IMAGE)))
+            found.append((path, label, st))
+    refuse(split_dir, problems)
+    return split_dir, classes, *zip(*found, strict=True)
+
+
+def misplaced_images(root: Path) -> None:
+    """Refuse a folder of images laid out wrongly, which would otherwise be taken for "no data"."""
+    if not root.is_dir():
+        return
+    if root.name in SPLITS and is_image_folder(root.parent):
+        raise UserError(
+            f"{root} is the {root.name}/ folder of an image folder: point data_dir at {root.parent}."
+        )
+    for sub in _visible(root):
+        if (sub / "train").is_dir() or (sub / "test").is_dir():
+            raise UserError(
+                f"{root} holds no data itself, but {sub} holds an image folder: point data_dir at {sub}."
+            )
+        if sub.is_dir() and any(e.name.lower().endswith(IMAGE_SUFFIXES) for e in os.scandir(sub)):
+            raise UserError(
+                f"{root} holds folders of images ({sub.name}/) but no train/ or test/ folder: move the class "
+                f"folders into {root / 'train'} (train/<class>/*.png|jpg, optional test/<class>/)."
+            )

@@ -81,14 +81,12 @@ class TensorLoader:
     """Batches sliced from tensors on the training device, augmented there (the fast path).
 
     Shuffled, epoch e is one permutation seeded by seed + e (DistributedSampler's order), the same on every
-    rank; rank r takes every world_size-th index. `drop_last` (default: `shuffle`) drops the n % world_size
-    left over, so ranks train on equal shards; without it each image comes once over all ranks (evaluation).
-    `augment(images, generator)` draws from a generator on the data's device seeded by (seed, epoch, batch,
-    rank): no global random state is used, and a batch is the same whenever it is drawn. So `state_dict`
-    (epoch, batches handed out) is all a resumed run needs: Lightning's fetcher asks for a batch only when
-    it trains on it (it reads ahead only for loaders without a length), so a checkpoint after step k resumes
-    at batch k + 1. `epoch()` says which epoch a pass is (the trainer's current_epoch, so a loader rebuilt by
-    reload_dataloaders_every_n_epochs goes on with the next epoch's order); None: passes count 0, 1, 2...
+    rank; rank r takes every world_size-th index, `drop_last` (default: `shuffle`) dropping the n % world_size
+    left over so no rank waits at the last step. `augment(images, generator)` draws from a generator seeded
+    by (seed, epoch, batch, rank), never the global state: a batch is the same whenever it is drawn, so
+    `state_dict` (epoch, batches handed out) is all a resumed run needs (Lightning's fetcher asks for a batch
+    only when it trains on it). `epoch()` names each pass's epoch (the trainer's, so a reloaded loader goes
+    on with the next epoch's order); None: passes count 0, 1, 2...
     """
 
     def __init__(

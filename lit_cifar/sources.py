@@ -27,19 +27,9 @@ from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.utils import check_integrity, download_url
 
 from lit_cifar.errors import UserError
-from lit_cifar.images import (
-    IMAGE_SUFFIXES,
-    NOT_IMAGE,
-    NOT_REGULAR,
-    BadFile,
-    decode,
-    examples,
-    file_kind,
-    refuse,
-)
+from lit_cifar.images import BadFile, decode, is_image_folder, list_folder, misplaced_images, refuse
 
 DATASETS = {"cifar10": CIFAR10, "cifar100": CIFAR100}  # torchvision's classes: file names, URL, md5s
-SPLITS = ("train", "test")
 CACHE_VERSION = "3"  # bump when the cached layout changes
 Split = tuple[torch.Tensor, torch.Tensor]  # uint8 (N, 3, 32, 32), int64 (N,)
 # CIFAR-100's fine labels in label order (as in its `meta` file), known before any download.
@@ -55,11 +45,6 @@ BY_HAND = """Supply the data by hand, then run again:
   2. put the extracted {tv.base_folder}/ folder in {root}, or
   3. point data_dir at an image folder: train/<class>/*.png|jpg (optional test/<class>/)."""
 _TMP = f".lit-cifar-tmp-{socket.gethostname()}-"  # + the writer's pid: a later run can tell it died
-
-
-def is_image_folder(data_dir: str | Path) -> bool:
-    """Holds train/ or test/ (of whatever kind: a file there is refused later, by name)."""
-    return any(os.path.lexists(Path(data_dir).expanduser() / split) for split in SPLITS)
 
 
 def has_test(data_dir: str | Path) -> bool:
@@ -83,133 +68,29 @@ def prepare(
     checksums: dict | None = None,
     split: str = "train",
 ) -> dict:
-    """Fetch what is missing (extract a placed archive, or download one), check the data and fill the cache
-    of `split`: every problem with the data surfaces here, before a run writes anything. Returns `split`
-    as `load` does."""
-    root, tv, sums = (
-        Path(data_dir).expanduser().resolve(),
-        DATASETS[dataset],
-        expected_md5s(dataset, checksums),
-    )
+    """Fetch what is missing (extract a placed archive, or download one), check all, fill `split`'s cache:
+    every problem with the data surfaces here, before a run writes anything. Returns `split` as `load` does."""
+    root, tv = Path(data_dir).expanduser().resolve(), DATASETS[dataset]
+    sums = expected_md5s(dataset, checksums)
     if root.exists() and not root.is_dir():
         raise UserError(f"data_dir {root} is a file: point data_dir at the folder that holds the data.")
     if not is_image_folder(root) and not (root / tv.base_folder).is_dir():
         if not (root / tv.filename).exists():
-            _misplaced_images(root)
+            misplaced_images(root)
             _download(root, dataset, sums, download)
         _extract(root / tv.filename, sums[tv.filename])
     return _split(root, dataset, sums, split)
 
 
-def load(data_dir: str, dataset: str = "cifar10", checksums: dict | None = None, splits=SPLITS) -> dict:
+def load(
+    data_dir: str, dataset: str = "cifar10", checksums: dict | None = None, splits: tuple = ("train", "test")
+) -> dict:
     """{split: (x, y) (None for a test split the data lack), "classes": [...]}, from the cache when current."""
     root, sums = Path(data_dir).expanduser().resolve(), expected_md5s(dataset, checksums)
     out = {}
     for split in splits:
         out |= _split(root, dataset, sums, split) if split == "train" or has_test(root) else {split: None}
     return out
-
-
-# ---------------------------------------------------------------------------- an image folder
-
-
-def folder_classes(data_dir: str | Path) -> list[str]:
-    """An image folder's classes: train/'s class folders (test/'s when there is no train/); at least two."""
-    root = Path(data_dir).expanduser()
-    found = {split: _class_folders(root / split) for split in SPLITS if os.path.lexists(root / split)}
-    if len(found) == 2 and found["train"] != found["test"]:
-        train, test = set(found["train"]), set(found["test"])
-        raise UserError(
-            f"{root / 'train'} and {root / 'test'} have different class folders "
-            f"(only in train: {sorted(train - test)}, only in test: {sorted(test - train)}): make them the same."
-        )
-    split, classes = next(iter(found.items()))
-    if len(classes) < 2:
-        raise UserError(
-            f"{root / split} holds {len(classes)} class folder(s) {classes}: a classifier needs at least two. "
-            f"Put each class's images in its own folder: {split}/<class>/*.png|jpg."
-        )
-    return classes
-
-
-def _class_folders(split_dir: Path) -> list[str]:
-    if (kind := file_kind(split_dir)[0]) != "a folder":
-        raise UserError(
-            f"{split_dir} is {kind}: make it a folder of class folders ({split_dir.name}/<class>/*.png)."
-        )
-    entries = _visible(split_dir)
-    if strays := [f"{p} ({k})" for p in entries if (k := file_kind(p)[0]) != "a folder"]:
-        raise UserError(
-            f"{split_dir} must hold only class folders, but holds {examples(strays)}: "
-            f"move images into a class folder ({split_dir.name}/<class>/x.png), anything else out."
-        )
-    return [p.name for p in entries]
-
-
-def _visible(path: Path) -> list[Path]:
-    try:
-        return sorted(p for p in path.iterdir() if not p.name.startswith("."))
-    except OSError as err:
-        raise UserError(f"cannot list {path} ({err.strerror}): make it a readable folder.") from None
-
-
-def _list_folder(root: Path, split: str) -> tuple:
-    """(split folder, classes, image paths, labels, their stats), every file checked before any decoding:
-    regular files (never a named pipe, which would block), PNG/JPEG by name, no empty class folder."""
-    split_dir, classes = root / split, folder_classes(root)
-    if not os.path.lexists(split_dir):
-        fix = "or, with only test/, run `lit-cifar test`: fitting and validating read train/."
-        fix = "or run `validate` (on train/) instead." if split == "test" else fix
-        raise UserError(f"{root} has no {split}/ folder: add {split}/<class>/*.png|jpg images, {fix}")
-    found, problems = [], []
-    for label, name in enumerate(classes):
-        if not (files := _visible(split_dir / name)):
-            raise UserError(f"{split_dir / name} holds no images: add PNG/JPEG files or remove the folder.")
-        for path in files:
-            kind, st = file_kind(path)
-            if kind != "a file":
-                nested = "; class folders hold images, not folders" if kind == "a folder" else ""
-                problems.append((path, BadFile(NOT_REGULAR, kind + nested)))
-            elif path.suffix.lower() not in IMAGE_SUFFIXES:
-                problems.append((path, BadFile(NOT_IMAGE)))
-            found.append((path, label, st))
-    refuse(split_dir, problems)
-    return split_dir, classes, *zip(*found, strict=True)
-
-
-def _read_folder(split_dir: Path, classes: list[str], paths, labels, stats) -> dict:
-    # One thread: on 2 cores, threads made it slower (the GIL; each image is tiny). docs/data.md
-    images, problems = [], []
-    for path in paths:
-        try:
-            images.append(decode(path, size=(32, 32)))
-        except BadFile as err:
-            problems.append((path, err))
-    refuse(split_dir, problems)
-    return {"x": torch.stack(images), "y": torch.tensor(labels, dtype=torch.int64), "classes": classes}
-
-
-def _misplaced_images(root: Path) -> None:
-    """Refuse a folder of images laid out wrongly, which would otherwise be taken for "no data"."""
-    if not root.is_dir():
-        return
-    if root.name in SPLITS and is_image_folder(root.parent):
-        raise UserError(
-            f"{root} is the {root.name}/ folder of an image folder: point data_dir at {root.parent}."
-        )
-    for sub in _visible(root):
-        if (sub / "train").is_dir() or (sub / "test").is_dir():
-            raise UserError(
-                f"{root} holds no data itself, but {sub} holds an image folder: point data_dir at {sub}."
-            )
-        if sub.is_dir() and any(e.name.lower().endswith(IMAGE_SUFFIXES) for e in os.scandir(sub)):
-            raise UserError(
-                f"{root} holds folders of images ({sub.name}/) but no train/ or test/ folder: move the class "
-                f"folders into {root / 'train'} (train/<class>/*.png|jpg, optional test/<class>/)."
-            )
-
-
-# ---------------------------------------------------------------------------- CIFAR's own files
 
 
 def _download(root: Path, dataset: str, sums: dict[str, str], allowed: bool) -> None:
@@ -289,28 +170,38 @@ def _read_batches(root: Path, dataset: str, sums: dict[str, str], split: str) ->
     return {"x": x, "y": torch.tensor(data.targets, dtype=torch.int64), "classes": list(data.classes)}
 
 
-# ---------------------------------------------------------------------------- the cache
+def _read_folder(split_dir: Path, classes: list[str], paths, labels, stats) -> dict:
+    # One thread: on 2 cores, threads made it slower (the GIL; each image is tiny). docs/data.md
+    images, problems = [], []
+    for path in paths:
+        try:
+            images.append(decode(path, size=(32, 32)))
+        except BadFile as err:
+            problems.append((path, err))
+    refuse(split_dir, problems)
+    return {"x": torch.stack(images), "y": torch.tensor(labels, dtype=torch.int64), "classes": classes}
 
 
 def _split(root: Path, dataset: str, sums: dict[str, str], split: str) -> dict:
     """{split: (x, y), "classes": [...]}: from the cache when it is current, else read and cached."""
     if is_image_folder(root):
-        listing = _list_folder(root, split)  # (split folder, classes, paths, labels, stats)
+        listing = list_folder(root, split)  # (split folder, classes, paths, labels, stats)
         key = _key("folder", root, split, listing[2], listing[4], listing[1])
         read = partial(_read_folder, *listing)
     else:  # keyed by each file's size and time too: the md5s are checked only when the cache is not current
         files = _batch_files(root, dataset)
         key = _key(dataset, root, split, files, [p.stat() for p in files], sorted(sums.items()))
         read = partial(_read_batches, root, dataset, sums, split)
-    folders = [
-        root / ".lit-cifar-cache",
-        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lit-cifar",
-    ]
-    folders = folders[1:] if _read_only(root) else folders
-    data = next((d for f in folders if (d := _read_cache(f / f"{key}.pt")) is not None), None)
-    if data is None:
+    user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lit-cifar"
+    folders = [user] if _read_only(root) else [root / ".lit-cifar-cache", user]
+    for folder in folders:
+        if (data := _read_cache(folder / f"{key}.pt")) is not None:
+            break
+    else:  # no current cache: read the source, and cache it in the first folder that takes it
         data = read()
-        next((True for f in folders if _save(data, f, key)), None)
+        for folder in folders:
+            if _save(data, folder, key):
+                break
     return {split: (data["x"], data["y"]), "classes": data["classes"]}
 
 
@@ -353,8 +244,8 @@ def _save(data: dict, folder: Path, key: str) -> bool:
 
 @contextlib.contextmanager
 def _scratch(folder: Path):
-    """A temporary folder in `folder` (a rename from it is atomic), removed afterwards. Those left there by
-    killed runs on this machine go first."""
+    """A temporary folder in `folder` (renames out of it are atomic), removed afterwards; first, those that
+    killed runs on this machine left there."""
     for old in folder.glob(_TMP + "*"):
         pid = old.name[len(_TMP) :].split("-")[0]
         if pid.isdigit() and not _alive(int(pid)):
