@@ -1,5 +1,6 @@
 """The core: network, module, data module, both entry points, checkpoints, the split, and what a
-newcomer meets first (the summary line, quiet runs, the flags named in messages, the tour)."""
+newcomer meets first (the summary line, quiet runs, the flags named in messages, the README's commands).
+The tour script is tested with the dashboard (test_tensorboard.py)."""
 
 import ast
 import importlib.util
@@ -91,11 +92,9 @@ def test_train_script_fast_dev_run_checks_and_writes_nothing(source, request):
 @pytest.mark.parametrize("source", ["image_folder", "batches"])
 def test_cli_fast_dev_run_from_its_own_printed_config(source, request, capsys):
     data_dir, config = data_of(source, request)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit):  # the defaults, printed: a config that round-trips
         cli_main(["fit", "--print_config"])
-    Path("printed.yaml").write_text(
-        capsys.readouterr().out
-    )  # the defaults, printed: a config that round-trips
+    Path("printed.yaml").write_text(capsys.readouterr().out)
     fit = ["lit-cifar", "fit", "--config=printed.yaml", *config, "--trainer.accelerator=cpu"]
     proc = run(*fit, f"--data.data_dir={data_dir}", "--trainer.fast_dev_run=2")
     summary_accuracy(proc.stdout, "val/acc")  # the same line as scripts/train.py's
