@@ -232,3 +232,30 @@ def test_readme_quick_start_is_what_ci_runs_and_its_train_commands_parse():
     assert len(examples) >= 5
     for flags in examples:
         train.parse_args(shlex.split(flags))  # an unknown flag exits
+
+
+# ---------------------------------------------------------------------------- the code's own shape
+
+# Low to high: a module may import only those before it (README, "Layout").
+LAYERS = [
+    "errors", "nets", "images", "sources", "loaders", "module", "checkpoints", "prediction", "export",
+    "figures", "divergence", "dashboard", "data", "runs", "cli",
+]  # fmt: skip
+
+
+def test_modules_import_only_lower_ones_and_network_code_no_lightning():
+    package = Path(__file__).resolve().parent.parent / "lit_cifar"
+    assert sorted(p.stem for p in package.glob("*.py") if p.stem != "__init__") == sorted(LAYERS)
+    for i, name in enumerate(LAYERS):
+        tree = ast.parse((package / f"{name}.py").read_text())
+        imported = {  # `from lit_cifar import sources` counts as lit_cifar.sources
+            f"{n.module}.{a.name}" if isinstance(n, ast.ImportFrom) and n.module == "lit_cifar" else
+            n.module if isinstance(n, ast.ImportFrom) else a.name
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Import | ast.ImportFrom)
+            for a in n.names
+        }  # fmt: skip
+        ours = {m.removeprefix("lit_cifar.") for m in imported if m.startswith("lit_cifar.")}
+        assert ours <= set(LAYERS[:i]), f"{name}.py imports {sorted(ours - set(LAYERS[:i]))}, higher modules"
+        if name in ("errors", "nets", "images", "loaders", "figures"):
+            assert not any(m.split(".")[0] in ("lightning", "pytorch_lightning") for m in imported), name
