@@ -1,7 +1,7 @@
-"""CIFARDataModule: CIFAR-10/100 from any source in `data_dir`, split, batched, augmented per batch.
+"""CIFARDataModule: CIFAR-10/100 from any source in `data_dir` (lit_cifar/sources.py), split, batched, augmented.
 
-The fast path (default): the decoded uint8 images sit in one tensor on the training device;
-batches are index slices of it, and crop/flip/normalize run on the whole batch there.
+The fast path (default): the decoded uint8 images sit in one tensor on the training device; batches are
+index slices of it, and crop/flip/normalize run on the whole batch there (lit_cifar/loaders.py).
 The standard path (`fast=False`): a DataLoader with per-sample crop/flip in worker processes.
 
     python -c "from lit_cifar import CIFARDataModule as D; d=D('data'); d.prepare_data(); d.setup('fit')"
@@ -16,10 +16,11 @@ from torchvision.transforms import v2
 
 from lit_cifar import sources
 from lit_cifar.errors import UserError, check_number
-from lit_cifar.loaders import TensorLoader, _Samples, mix_classes, random_crop_flip, split_indices
+from lit_cifar.images import folder_classes, is_image_folder
+from lit_cifar.loaders import Samples, TensorLoader, mix_classes, random_crop_flip, split_indices
 from lit_cifar.prediction import image_loader
 
-# Per-channel statistics of the training images, over [0, 1] pixels.
+# Per-channel (mean, std) of the training images, over [0, 1] pixels.
 MEAN_STD = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
@@ -50,32 +51,30 @@ class CIFARDataModule(L.LightningDataModule):
         """
         Args:
             data_dir: folder holding the data in any supported form (see `lit_cifar.sources`).
-            dataset: cifar10 or cifar100 (for pickles, archives and downloads; an image folder
-                brings its own classes).
+            dataset: cifar10 or cifar100 (pickles, archives, downloads; an image folder brings its classes).
             download: fetch the archive through torchvision when nothing is in `data_dir`.
-            val_size: images held out of the training split for validation: a fraction in (0, 1)
-                or a count.
-            split_seed: seed of the train/val split, and nothing else: the batch order and the
-                augmentation follow the training seed (`seed_everything`, `torch.manual_seed`).
+            val_size: images held out of the training split for validation: a fraction in (0, 1) or a count.
+            split_seed: seed of the train/val split only (the training seed decides order and augmentation).
             batch_size: images per batch, per device.
             num_workers: DataLoader worker processes (standard path only; the fast path needs none).
             pin_memory: page-locked host memory for faster copies to a GPU (standard path).
             normalize: subtract the data set's mean and divide by its std, per channel.
-            augment: random crop (with `crop_padding` zero pixels) and horizontal flip, training only.
+            augment: random crop (of the image padded by `crop_padding`) and horizontal flip, training only.
             crop_padding: pixels of padding around each image before the random 32x32 crop.
-            padding_mode: how those pixels are filled: constant (zeros, as torchvision's
-                RandomCrop) or reflect.
+            padding_mode: how those pixels are filled: constant (zeros, as torchvision's RandomCrop) or reflect.
             fast: keep the data set as one tensor on the training device and augment per batch.
             checksums: md5 per file name, replacing the official ones for those files (for data you made).
-            predict_dir: images to predict: a folder (PNG/JPEG, searched recursively), an image,
-                or a list of them; any size and mode (see `lit_cifar.images`).
+            predict_dir: images to predict: a folder (searched recursively), an image, or a list; any size.
         """
         super().__init__()
         if dataset not in sources.DATASETS:
             raise UserError(f"unknown dataset {dataset!r}: choose one of {', '.join(sources.DATASETS)}.")
-        check_number("batch_size", batch_size, 1)
-        check_number("num_workers", num_workers, 0)
-        check_number("split_seed", split_seed, 0)
+        for name, value, low in (
+            ("batch_size", batch_size, 1),
+            ("num_workers", num_workers, 0),
+            ("split_seed", split_seed, 0),
+        ):
+            check_number(name, value, low)
         check_number("val_size", val_size, 0, open_low=True)
         if isinstance(val_size, float) and val_size == 1:
             raise UserError(
@@ -97,21 +96,19 @@ class CIFARDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.data: dict[str, sources.Split | None] = {}
         self._classes: list[str] | None = None  # known for sure once setup() read the files
+        self._prepared: dict[str, dict] = {}  # what prepare_data read, for setup in the same process
         self._train_loader: TensorLoader | None = None
         self._train_state: dict | None = None  # a resumed run's place in the training data
         self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # see normalization()
-
-    # ------------------------------------------------------------------ what the model needs to know
 
     @property
     def classes(self) -> list[str]:
         if self._classes is not None:
             return self._classes
-        if sources.is_image_folder(self.hparams.data_dir):
-            return sources.folder_classes(self.hparams.data_dir)
-        if self.hparams.dataset == "cifar10":
-            return CIFAR10_CLASSES
-        return sources.CIFAR100_CLASSES  # the files' own names replace these in setup()
+        if is_image_folder(self.hparams.data_dir):
+            return folder_classes(self.hparams.data_dir)
+        # Before the files are read (to size the model); setup() takes the meta file's names.
+        return CIFAR10_CLASSES if self.hparams.dataset == "cifar10" else sources.CIFAR100_CLASSES
 
     @property
     def num_classes(self) -> int:
@@ -125,8 +122,6 @@ class CIFARDataModule(L.LightningDataModule):
     def has_test(self) -> bool:
         return sources.has_test(self.hparams.data_dir)
 
-    # ------------------------------------------------------------------ Lightning hooks
-
     def prepare_data(self) -> None:
         if self.trainer is not None and self.trainer.predicting:
             return  # prediction reads only its own images
@@ -134,33 +129,34 @@ class CIFARDataModule(L.LightningDataModule):
         # validate and test read only their own split. fit checks (and caches) the test split too, so
         # a run that tests after training (scripts/train.py) cannot fail on its data at the end.
         stage = self.trainer.state.fn if self.trainer is not None else "fit"
-        fit_splits = ["train", "test"] if sources.has_test(hp.data_dir) else ["train"]
-        for split in {"validate": ["train"], "test": ["test"]}.get(stage, fit_splits):
-            n = sources.prepare(hp.data_dir, hp.dataset, hp.download, hp.checksums, split)
-            if split == "train":  # a bad val_size fails here, before any log is written
-                split_indices(n, hp.val_size, hp.split_seed)
+        fit = ["train", "test"] if self.has_test else ["train"]
+        splits = {"validate": ["train"], "test": ["test"]}.get(stage, fit)
+        for split in splits:
+            self._prepared[split] = sources.prepare(hp.data_dir, hp.dataset, hp.download, hp.checksums, split)
+        if "train" in splits:  # a bad val_size fails here, before any log is written
+            split_indices(len(self._prepared["train"]["train"][1]), hp.val_size, hp.split_seed)
 
     def setup(self, stage: str) -> None:
         if self.trainer is not None:  # the constants reach the device now, before any step
             self.normalization(self.trainer.strategy.root_device)
-        # Only the split this stage reads is decoded: testing never touches train/ (val is cut from train).
-        split = "test" if stage == "test" else "train"
+        split, hp = "test" if stage == "test" else "train", self.hparams  # val is cut from train
         if stage == "predict" or split in self.data:
             return
-        hp = self.hparams
-        loaded = sources.load(hp.data_dir, hp.dataset, hp.checksums, splits=(split,))
-        self._classes = loaded["classes"]
+        # What prepare_data read in this process (no second look at every file), else the cache.
+        loaded = self._prepared.pop(split, None) or sources.load(
+            hp.data_dir, hp.dataset, hp.checksums, (split,)
+        )
+        self._classes = loaded.get("classes", self._classes)
         if split == "test":
-            self.data["test"] = mix_classes(*loaded["test"]) if loaded["test"] is not None else None
+            self.data["test"] = loaded["test"] and mix_classes(*loaded["test"])
             return
         x, y = loaded["train"]
-        train_idx, val_idx = split_indices(len(y), hp.val_size, hp.split_seed)
-        self.data.update(train=(x[train_idx], y[train_idx]), val=mix_classes(x[val_idx], y[val_idx]))
+        train, val = split_indices(len(y), hp.val_size, hp.split_seed)
+        self.data.update(train=(x[train], y[train]), val=mix_classes(x[val], y[val]))
 
-    # The training loader's place is kept with the DataModule's state too: Lightning restores that
-    # before anything builds a loader. (It restores a loader's own state only when it builds the
-    # loader after the checkpoint was read, which a schedule asking estimated_stepping_batches in
-    # configure_optimizers prevents.)
+    # The training loader's place is kept with the DataModule's state too: Lightning restores that before
+    # anything builds a loader. (It restores a loader's own state only when it builds the loader after the
+    # checkpoint was read, which a schedule asking estimated_stepping_batches in configure_optimizers prevents.)
     def state_dict(self) -> dict:
         return {"train_loader": self._train_loader.state_dict()} if self._train_loader else {}
 
@@ -192,8 +188,7 @@ class CIFARDataModule(L.LightningDataModule):
         x, rest = (batch, None) if isinstance(batch, torch.Tensor) else (batch[0], batch[1:])
         if x.dtype != torch.uint8:
             return batch
-        x = self.to_float(x)
-        return x if rest is None else (x, *rest)
+        return self.to_float(x) if rest is None else (self.to_float(x), *rest)
 
     def to_float(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) -> float32 in [0, 1], normalized when `normalize` is on."""
@@ -212,33 +207,28 @@ class CIFARDataModule(L.LightningDataModule):
             )
         return self._constants[device]
 
-    # ------------------------------------------------------------------ loaders
-
     def _loader(self, split: str):
-        x, y = self.data[split]
-        trainer, train = self.trainer, split == "train"
+        (x, y), trainer, hp, train = self.data[split], self.trainer, self.hparams, split == "train"
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         # Lightning turns shuffling off for overfit_batches by swapping a DataLoader's sampler; it
         # cannot do that to a TensorLoader, so the data module does it, on both paths.
         shuffle = train and not (trainer is not None and trainer.overfit_batches)
-        augment = self.hparams.augment and train
-        # The training seed (seed_everything's, under DDP the same on every rank) decides the batch
-        # order and the augmentation; split_seed only the split.
+        # The training seed (seed_everything's, the same on every rank) decides the batch order and the
+        # augmentation; split_seed only the split.
         seed = torch.initial_seed() % 2**63
-        if self.hparams.fast:
+        if hp.fast:
             device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-            hp = self.hparams
             crop_flip = partial(random_crop_flip, padding=hp.crop_padding, padding_mode=hp.padding_mode)
             loader = TensorLoader(
                 x.to(device),
                 y.to(device),
                 hp.batch_size,
                 shuffle,
-                seed=seed,
-                rank=rank,
-                world_size=world,
+                seed,
+                rank,
+                world,
                 drop_last=train,
-                augment=crop_flip if augment else None,
+                augment=crop_flip if hp.augment and train else None,
                 epoch=(lambda: trainer.current_epoch) if trainer is not None else None,
             )
             if train:
@@ -247,17 +237,13 @@ class CIFARDataModule(L.LightningDataModule):
                     loader.load_state_dict(self._train_state)
                     self._train_state = None
             return loader
-        transform = v2.Compose(
-            [
-                v2.RandomCrop(32, self.hparams.crop_padding, padding_mode=self.hparams.padding_mode),
-                v2.RandomHorizontalFlip(),
-            ]
+        crop_flip = v2.Compose(
+            [v2.RandomCrop(32, hp.crop_padding, padding_mode=hp.padding_mode), v2.RandomHorizontalFlip()]
         )
-        samples = _Samples(x, y, transform if augment else None)
-        # The fast path's order exactly: torch's DistributedSampler permutes with seed + epoch
-        # (Lightning calls its set_epoch) and gives rank r every world-th image. Unshuffled loaders
-        # get Lightning's own DistributedSampler under DDP. Crops and flips come from the process's
-        # random state (each worker's is seeded by Lightning from the seed, worker and rank).
+        # The fast path's order exactly: DistributedSampler permutes with seed + epoch (Lightning calls its
+        # set_epoch) and gives rank r every world-th image; unshuffled loaders get Lightning's own under DDP.
+        # Crops and flips come from each worker's random state (seeded by Lightning from the seed and rank).
+        samples = Samples(x, y, crop_flip if hp.augment and train else v2.Identity())
         sampler = (
             DistributedSampler(samples, world, rank, shuffle=True, seed=seed, drop_last=True)
             if shuffle
@@ -265,9 +251,9 @@ class CIFARDataModule(L.LightningDataModule):
         )
         return DataLoader(
             samples,
-            batch_size=self.hparams.batch_size,
+            hp.batch_size,
             sampler=sampler,
-            num_workers=self.hparams.num_workers,
-            pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.hparams.num_workers > 0,
+            num_workers=hp.num_workers,
+            pin_memory=hp.pin_memory and torch.cuda.is_available(),
+            persistent_workers=hp.num_workers > 0,
         )

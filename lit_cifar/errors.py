@@ -1,14 +1,8 @@
-"""Bad input a user can fix, and the one error boundary every entry point runs in.
-
-    def main(argv=None):
-        with boundary():
-            ...  # the work
-
-Inside `boundary`, an expected failure (a UserError, a file-system error, a setting Lightning, torch or
-the config parser rejected, SIGINT or SIGTERM) ends as one line `error: <what, where>: <fix>` on stderr
-and a non-zero exit, after undoing what the failed run created (`on_failure`). Anything else is a
-bug in lit-cifar and keeps its traceback; LIT_CIFAR_TRACEBACK=1 shows the traceback for all.
-Nothing here imports torch or Lightning, so a script's `--help` stays fast.
+"""Bad input a user can fix, and the one error boundary every entry point's `main()` runs in
+(`with boundary(): ...`): an expected failure (a UserError, an OSError, a setting Lightning, torch or a
+parser rejected, SIGINT, SIGTERM) ends as one line `error: <what, where>: <fix>` and a non-zero exit,
+after undoing what the failed run created (`on_failure`); a bug keeps its traceback
+(LIT_CIFAR_TRACEBACK=1: every failure does). No torch or Lightning import here: `--help` stays fast.
 """
 
 import argparse
@@ -30,24 +24,15 @@ class UserError(ValueError):
     """A bad input (path, file, setting). The message names the problem and the fix."""
 
 
-# ---------------------------------------------------------------------------- checking settings
-
-
 def check_number(
-    name: str,
-    value: object,
-    low: float | None = None,
-    high: float | None = None,
-    *,
-    open_low=False,
-    open_high=False,
+    name: str, value, low: float | None = None, high: float | None = None, *, open_low=False, open_high=False
 ) -> None:
     """UserError unless `value` is a finite number in [low, high] (an end is excluded when open_*)."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise UserError(f"{name} must be a finite number, got {value!r}: give one (see --help).")
-    too_low = low is not None and (value <= low if open_low else value < low)
-    too_high = high is not None and (value >= high if open_high else value > high)
-    if too_low or too_high:
+    if (low is not None and (value <= low if open_low else value < low)) or (
+        high is not None and (value >= high if open_high else value > high)
+    ):
         lo = "" if low is None else f"above {low:g}" if open_low else f"at least {low:g}"
         hi = "" if high is None else f"below {high:g}" if open_high else f"at most {high:g}"
         lo = {"above 0": "positive", "at least 0": "0 or more"}.get(lo, lo)
@@ -63,16 +48,13 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse for the scripts: a bad flag is one line and a pointer to --help, not the usage."""
 
     def __init__(self, *args, **kwargs) -> None:
-        script = sys.argv[0]  # the pointer names the command as typed: `python scripts/predict.py`
-        if script.endswith(".py") and "prog" not in kwargs:
-            kwargs["prog"] = f"python {os.path.relpath(script)}"
+        if sys.argv[0].endswith(".py"):  # the pointer names the command as typed: `python scripts/x.py`
+            kwargs.setdefault("prog", f"python {os.path.relpath(sys.argv[0])}")
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         sys.exit(f"error: {message}: see `{self.prog} --help`.")
 
-
-# ---------------------------------------------------------------------------- the boundary
 
 _undo: list[Callable[[], None]] = []
 
@@ -94,16 +76,13 @@ def boundary(rewrite: Callable[[str], str] = str) -> Iterator[None]:
             raise  # --help, a finished run, a deliberate status (some files skipped)
         for undo in reversed(_undo):
             undo()
-        message = describe(err)
+        message = describe(err)  # None for a bug, and for sys.exit("error: ..."): already the line
         if message is None or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             raise
-        if isinstance(err, SystemExit) and not signal_name:
-            raise  # sys.exit("error: ..."): already the line
-        message = rewrite(message)
         if signal_name == "SIGINT":
-            print(f"error: {message}", file=sys.stderr)
+            print(f"error: {rewrite(message)}", file=sys.stderr)
             raise SystemExit(INTERRUPTED_EXIT) from None
-        raise SystemExit(f"error: {message}") from None  # Python prints it to stderr, exits with 1
+        raise SystemExit(f"error: {rewrite(message)}") from None  # Python prints it to stderr, exits with 1
     finally:
         _undo.clear()
 
@@ -113,25 +92,24 @@ def _interrupted(err: BaseException) -> str | None:
     if isinstance(err, KeyboardInterrupt) or isinstance(err.__context__, KeyboardInterrupt):
         signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores Ctrl-C after one
         return "SIGINT"
-    if type(err).__name__ == "SIGTERMException":  # Lightning's, a SystemExit with status 0
-        return "SIGTERM"
-    return None
+    return "SIGTERM" if type(err).__name__ == "SIGTERMException" else None  # Lightning's, a SystemExit(0)
 
 
 def describe(err: BaseException) -> str | None:
     """The one line for an expected failure; None for a bug (then the traceback is shown)."""
-    if _interrupted(err):
+    if signal_name := _interrupted(err):
         return (
-            f"stopped by {_interrupted(err)} before the run finished. Continue it with the same command plus "
+            f"stopped by {signal_name} before the run finished. Continue it with the same command plus "
             f"--ckpt_path last: the steps since its last checkpoint (at most "
             f"--last_checkpoint.every_n_train_steps) are trained again."
         )
-    if isinstance(err, SystemExit):
-        return str(err.code)
     if isinstance(err, UserError):
         return str(err)
     if isinstance(err, OSError):
-        return _os_error(err)
+        what = err.strerror or one_line(err) or type(err).__name__
+        where = " -> ".join(str(name) for name in (err.filename, err.filename2) if name is not None)
+        fix = _OS_FIXES.get(err.errno, "check the path and its permissions")
+        return f"{what}{': ' + where if where else ''}: {fix}."
     if type(err).__name__ in ("MisconfigurationException", "ArgumentError"):  # Lightning, the parsers
         return f"{one_line(err)}: see --help."
     if isinstance(err, MemoryError):
@@ -142,7 +120,6 @@ def describe(err: BaseException) -> str | None:
 _OS_FIXES = {
     errno.ENOENT: "check the path (it, or a folder on it, does not exist)",
     errno.EACCES: "choose a place you may read and write (e.g. --trainer.default_root_dir), or change its permissions",
-    errno.EPERM: "choose a place you may read and write (e.g. --trainer.default_root_dir), or change its permissions",
     errno.EROFS: "the file system is read-only: choose a folder on a writable one",
     errno.ENOSPC: "the disk is full: free some space, or write elsewhere",
     errno.EDQUOT: "the disk quota is used up: free some space, or write elsewhere",
@@ -154,13 +131,7 @@ _OS_FIXES = {
     errno.ENOTEMPTY: "the folder is not empty: choose another one",
     errno.EMFILE: "too many open files: raise the limit (ulimit -n) or use fewer --data.num_workers",
 }
-
-
-def _os_error(err: OSError) -> str:
-    what = err.strerror or one_line(err) or type(err).__name__
-    where = " -> ".join(f"{name}" for name in (err.filename, err.filename2) if name is not None)
-    fix = _OS_FIXES.get(err.errno, "check the path and its permissions")
-    return f"{what}{': ' + where if where else ''}: {fix}."
+_OS_FIXES[errno.EPERM] = _OS_FIXES[errno.EACCES]
 
 
 def check_writable(folder: str | Path, setting: str) -> None:
@@ -197,10 +168,10 @@ def check_accelerator(accelerator: str | None, setting: str) -> None:
     """UserError when a GPU is asked for and there is none (Lightning's own message names no fix)."""
     import torch  # here, not at the top: errors.py imports no torch (fast --help)
 
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        if accelerator == "cuda" or not torch.backends.mps.is_available():
-            raise UserError(
-                f"accelerator {accelerator!r} asked for, but this machine has no usable GPU (torch "
-                f"{torch.__version__}, CUDA build {torch.version.cuda}): use {setting} cpu (or auto: a "
-                f"GPU when there is one)."
-            )
+    usable = torch.cuda.is_available() or (accelerator == "gpu" and torch.backends.mps.is_available())
+    if accelerator in ("gpu", "cuda") and not usable:
+        raise UserError(
+            f"accelerator {accelerator!r} asked for, but this machine has no usable GPU (torch "
+            f"{torch.__version__}, CUDA build {torch.version.cuda}): use {setting} cpu (or auto: a "
+            f"GPU when there is one)."
+        )

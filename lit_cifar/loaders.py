@@ -1,4 +1,8 @@
-"""TODO docstring: lit_cifar/loaders.py."""
+"""The data's plain-torch parts: the train/val split, the evaluation order, crop+flip of a whole batch on
+its device, and TensorLoader (the fast path's loader: batches sliced from tensors on the training device).
+
+    python -c "from lit_cifar.loaders import split_indices; print(split_indices(10, 0.2, seed=0))"
+"""
 
 import math
 from collections.abc import Callable
@@ -24,15 +28,13 @@ def split_indices(n: int, val_size: int | float, seed: int) -> tuple[torch.Tenso
 
 
 def mix_classes(x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, y) in a fixed order that deals the classes out in rounds: the first image of each class
-    (the classes in a random order), then the second of each... so any prefix of an evaluation
-    split, such as `limit_val_batches` or `fast_dev_run` read, covers the classes."""
-    by_class = torch.argsort(y, stable=True)
+    """(x, y) dealing the classes out in rounds: each class's first image (classes in a random order), then
+    each one's second... so any prefix (`limit_val_batches`, `fast_dev_run`) covers the classes."""
     counts = torch.bincount(y)
     rank_in_class = torch.empty_like(y)
-    rank_in_class[by_class] = torch.arange(len(y)) - torch.repeat_interleave(
-        counts.cumsum(0) - counts, counts
-    )
+    rank_in_class[y.argsort(stable=True)] = torch.arange(len(y)) - (
+        counts.cumsum(0) - counts
+    ).repeat_interleave(counts)
     shuffle = torch.rand(len(y), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     order = (rank_in_class + shuffle).argsort()
     return x[order], y[order]
@@ -41,14 +43,9 @@ def mix_classes(x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> tuple[torch.
 def random_crop_flip(
     x: torch.Tensor, padding: int, padding_mode: str = "constant", generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Per-image random crop of a padded batch and random horizontal flip, on x's device.
-
-    The same distribution as torchvision's RandomCrop(32, padding, padding_mode=...) +
-    RandomHorizontalFlip(), drawn for each image. No padded copy is made: each output pixel's
-    source pixel is computed (shifted, mirrored for the flip, reflected or zeroed at the border)
-    and the whole batch is one gather. x: (B, C, H, W), any dtype. `generator` (on x's device)
-    draws the crops and flips; None: the global random state.
-    """
+    """torchvision's RandomCrop(32, padding, padding_mode=...) + RandomHorizontalFlip(), drawn per image, for
+    a whole batch x (B, C, H, W) of any dtype on its device, drawing from `generator` (None: global state).
+    No padded copy: each output pixel's source (shifted, mirrored, reflected or zeroed) is gathered at once."""
     b, c, h, w = x.shape
     dev = x.device
     shift = partial(torch.randint, 0, 2 * padding + 1, (b, 1, 1, 1), generator=generator, device=dev)
@@ -57,53 +54,45 @@ def random_crop_flip(
     j = torch.arange(w, device=dev).view(1, 1, 1, w)
     rows = dy + torch.arange(h, device=dev).view(1, 1, h, 1)  # (B, 1, H, 1) source row of each output row
     cols = dx + torch.where(flip, w - 1 - j, j)  # (B, 1, 1, W): a flipped image reads its crop backwards
+    inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)  # (B, 1, H, W): not in the padding
     if padding_mode == "reflect":  # -1 -> 1, h -> h - 2 (no edge repeat, as torch and torchvision)
         rows = torch.where(rows < 0, -rows, torch.where(rows > h - 1, 2 * (h - 1) - rows, rows))
         cols = torch.where(cols < 0, -cols, torch.where(cols > w - 1, 2 * (w - 1) - cols, cols))
-        inside = None
-    else:  # constant: read any pixel, then zero those that fall in the padding
-        inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)  # (B, 1, H, W)
-        rows, cols = rows.clamp(0, h - 1), cols.clamp(0, w - 1)
+    rows, cols = rows.clamp(0, h - 1), cols.clamp(0, w - 1)  # constant: any pixel, zeroed below
     index = (rows * w + cols).view(b, 1, h * w).expand(b, c, h * w)  # flat source pixel, every channel
     out = x.reshape(b, c, h * w).gather(2, index).view(b, c, h, w)
-    return out if inside is None else out * inside
+    return out if padding_mode == "reflect" else out * inside
 
 
-class _Samples(Dataset):
-    """The standard path: one (image, label) at a time, with an optional per-sample transform."""
+class Samples(Dataset):
+    """The standard path's data set: (image, label) pairs, each image through `transform` (in the workers)."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform=None) -> None:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable) -> None:
         self.images, self.labels, self.transform = images, labels, transform
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int):
-        x = self.images[i]
-        return (self.transform(x) if self.transform else x), self.labels[i]
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transform(self.images[i]), self.labels[i]
 
 
 class TensorLoader:
-    """Batches sliced from tensors that already sit on the training device, augmented there.
+    """Batches sliced from tensors on the training device, augmented there (the fast path).
 
-    Shuffled, each epoch is one permutation seeded by seed + epoch (torch's DistributedSampler's
-    order), the same on every rank; rank r takes every world_size-th index. `drop_last` drops the
-    n % world_size images left over, so ranks train on equal shards and none waits at the last step;
-    unshuffled and without it, every image comes once over all ranks (evaluation).
-
-    `augment(images, generator)` transforms each batch with a generator on the data's device seeded
-    by (seed, epoch, batch index, rank): no global random state is read or changed, each rank draws
-    its own crops and flips, and a batch is the same whenever it is drawn. So the loader's place
-    (`state_dict`: epoch, batches handed out) is all a resumed run needs to continue with the
-    batches, crops and flips an uninterrupted one would have had. It continues at the right batch
-    because Lightning's training fetcher asks for a batch only when it trains on it (it reads ahead
-    only for loaders without a length): a checkpoint written after step k continues at batch k+1.
+    Shuffled, epoch e is one permutation seeded by seed + e (DistributedSampler's order), the same on every
+    rank; rank r takes every world_size-th index, `drop_last` (default: `shuffle`) dropping the n % world_size
+    left over so no rank waits at the last step. `augment(images, generator)` draws from a generator seeded
+    by (seed, epoch, batch, rank), never the global state: a batch is the same whenever it is drawn, so
+    `state_dict` (epoch, batches handed out) is all a resumed run needs (Lightning's fetcher asks for a batch
+    only when it trains on it). `epoch()` names each pass's epoch (the trainer's, so a reloaded loader goes
+    on with the next epoch's order); None: passes count 0, 1, 2...
     """
 
     def __init__(
         self,
-        images,
-        labels,
+        images: torch.Tensor,
+        labels: torch.Tensor,
         batch_size: int,
         shuffle: bool,
         seed: int = 0,
@@ -113,36 +102,21 @@ class TensorLoader:
         augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
         epoch: Callable[[], int] | None = None,
     ) -> None:
-        """`drop_last` defaults to `shuffle`; `epoch` says which epoch a pass is (the trainer's
-        current_epoch, so a loader rebuilt by reload_dataloaders_every_n_epochs goes on with the
-        next epoch's order); None: passes count 0, 1, 2..."""
         self.images, self.labels, self.batch_size, self.shuffle = images, labels, batch_size, shuffle
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.drop_last = shuffle if drop_last is None else drop_last
-        self.augment, self._epoch = augment, epoch
-        self.epoch, self.batches_done = -1, 0  # the first pass is epoch 0
-        self._resume: dict | None = None  # a state_dict() the next pass continues from
+        self.seed, self.rank, self.world_size, self.augment, self._epoch = (
+            seed,
+            rank,
+            world_size,
+            augment,
+            epoch,
+        )
+        n = len(labels)
+        self._used = n - n % world_size if (shuffle if drop_last is None else drop_last) else n  # images read
+        self.epoch, self.batches_done, self._resume = -1, 0, None  # the first pass is epoch 0
         self._generator = torch.Generator(images.device) if augment is not None else None
 
-    def _order(self) -> torch.Tensor:
-        n = len(self.labels)
-        order = (
-            torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-            if self.shuffle
-            else torch.arange(n)
-        )
-        if self.drop_last:
-            order = order[: n - n % self.world_size]
-        return order[self.rank :: self.world_size]
-
     def __len__(self) -> int:
-        n = len(self.labels)
-        count = (
-            (n - n % self.world_size) // self.world_size
-            if self.drop_last
-            else len(range(self.rank, n, self.world_size))
-        )
-        return math.ceil(count / self.batch_size)
+        return math.ceil(len(range(self.rank, self._used, self.world_size)) / self.batch_size)
 
     def __iter__(self):
         resume, self._resume = self._resume, None
@@ -156,12 +130,22 @@ class TensorLoader:
         self.batches_done = (
             resume["batches_done"] if resume is not None and resume["epoch"] == self.epoch else 0
         )
-        order = self._order().to(self.labels.device)
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = (
+            torch.randperm(len(self.labels), generator=g) if self.shuffle else torch.arange(len(self.labels))
+        )
+        order = order[: self._used][self.rank :: self.world_size].to(self.labels.device)
         for start in range(self.batches_done * self.batch_size, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
             x = self.images[idx]
             if self.augment is not None:
-                self._generator.manual_seed(_mix(self.seed, self.epoch, self.batches_done, self.rank))
+                keys = (
+                    self.seed,
+                    self.epoch,
+                    self.batches_done,
+                    self.rank,
+                )  # one 64-bit seed: unrelated streams
+                self._generator.manual_seed(int(np.random.SeedSequence(keys).generate_state(1, np.uint64)[0]))
                 x = self.augment(x, generator=self._generator)
             self.batches_done += 1
             yield x, self.labels[idx]
@@ -171,8 +155,3 @@ class TensorLoader:
 
     def load_state_dict(self, state: dict) -> None:
         self._resume = state  # applied when the next pass starts
-
-
-def _mix(*keys: int) -> int:
-    """One 64-bit seed from several numbers (numpy's SeedSequence): nearby keys, unrelated streams."""
-    return int(np.random.SeedSequence(keys).generate_state(1, np.uint64)[0])

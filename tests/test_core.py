@@ -1,36 +1,28 @@
 """The core: network, module, data module, both entry points, checkpoints, the split, and what a
-newcomer meets first (the summary line, quiet runs, the flags named in messages, the tour)."""
+newcomer meets first (the summary line, quiet runs, the flags named in messages, the README's commands).
+The tour script is tested with the dashboard (test_tensorboard.py)."""
 
 import ast
 import importlib.util
 import math
 import re
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from conftest import quiet_trainer
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from conftest import REPO, checksum_config, error_of, events, load_script, quiet_trainer, run
 
 from lit_cifar import CIFARClassifier, CIFARDataModule, build_net
+from lit_cifar.cli import main as cli_main
 from lit_cifar.loaders import split_indices
 
-REPO = Path(__file__).resolve().parents[1]
 # The line both `scripts/train.py` and `lit-cifar fit` end with.
 SUMMARY = re.compile(r"(test|val)/acc (\S+) \| best checkpoint: (.+) \| logs: (.+)")
 # What a newcomer reads as an error: a Python warning's "file.py:123: ", tracebacks, adverts.
 LOOKS_LIKE_AN_ERROR = re.compile(r"\.py:\d+: |warn|deprecat|traceback|error|tip:", re.IGNORECASE)
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def summary_accuracy(stdout: str, metric: str) -> float:
@@ -42,29 +34,14 @@ def summary_accuracy(stdout: str, metric: str) -> float:
     return value
 
 
-def exit_message(fn, *args) -> str:
-    with pytest.raises(SystemExit) as exc:
-        fn(*args)
-    assert isinstance(exc.value.code, str), exc.value.code
-    return exc.value.code
+def no_error_lines(stderr: str) -> None:
+    assert not [line for line in stderr.splitlines() if LOOKS_LIKE_AN_ERROR.search(line)], stderr
 
 
-def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(args, capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{args} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-        )
-    return proc
-
-
-def scalar_tags(log_dir: Path) -> set[str]:
-    tags = set()
-    for event_file in log_dir.glob("events.out.tfevents.*"):
-        acc = EventAccumulator(str(event_file))
-        acc.Reload()
-        tags |= set(acc.Tags()["scalars"])
-    return tags
+def data_of(source: str, request) -> tuple[str, list[str]]:
+    """Fixture `source`'s data folder, and for the tests' own pickles a config with their md5s."""
+    data = request.getfixturevalue(source)
+    return (str(data[0]), [checksum_config(data[1])]) if source == "batches" else (str(data), [])
 
 
 def test_seed_net_is_the_seed():
@@ -101,89 +78,45 @@ def test_split_is_seeded_disjoint_and_complete():
 
 @pytest.mark.slow  # a real process: ~15 s of start-up
 @pytest.mark.parametrize("source", ["image_folder", "batches"])
-def test_train_script_fast_dev_run(source, request):
-    data = request.getfixturevalue(source)
-    data_dir = data[0] if isinstance(data, tuple) else data
-    args = [
-        sys.executable,
-        str(REPO / "scripts/train.py"),
-        "--accelerator",
-        "cpu",
-        "--data-dir",
-        str(data_dir),
-        "--fast-dev-run",
-        "2",
-    ]
-    if isinstance(data, tuple):  # the tests' own pickles: give their checksums, verification stays on
-        md5s = data[1]
-        args += ["--config", write_checksum_config(md5s)]
-    proc = run(*args)
+def test_train_script_fast_dev_run_checks_and_writes_nothing(source, request):
+    data_dir, config = data_of(source, request)
+    train = [sys.executable, str(REPO / "scripts/train.py"), "--accelerator", "cpu", "--data-dir", data_dir]
+    proc = run(*train, "--fast-dev-run", "2", *config)
     summary_accuracy(proc.stdout, "test/acc")
     assert proc.stdout.strip().endswith("| best checkpoint: (none saved) | logs: (none written)")
-    assert not [line for line in proc.stderr.splitlines() if LOOKS_LIKE_AN_ERROR.search(line)], proc.stderr
+    no_error_lines(proc.stderr)
     assert not Path("checkpoints").exists() and not Path("lightning_logs").exists()  # a check writes nothing
-
-
-def write_checksum_config(md5s: dict[str, str]) -> str:
-    path = Path("checksums.yaml")
-    path.write_text("data:\n  checksums:\n" + "".join(f"    {k}: {v}\n" for k, v in md5s.items()))
-    return str(path)
 
 
 @pytest.mark.slow  # a real process: ~15 s of start-up
 @pytest.mark.parametrize("source", ["image_folder", "batches"])
-def test_cli_fast_dev_run(source, request):
-    data = request.getfixturevalue(source)
-    data_dir = data[0] if isinstance(data, tuple) else data
-    args = [
-        "lit-cifar",
-        "fit",
-        "--trainer.accelerator=cpu",
-        f"--data.data_dir={data_dir}",
-        "--trainer.fast_dev_run=2",
-    ]
-    if isinstance(data, tuple):
-        args.append(f"--config={write_checksum_config(data[1])}")
-    summary_accuracy(run(*args).stdout, "val/acc")  # the same line as scripts/train.py's
+def test_cli_fast_dev_run_from_its_own_printed_config(source, request, capsys):
+    data_dir, config = data_of(source, request)
+    with pytest.raises(SystemExit):  # the defaults, printed: a config that round-trips
+        cli_main(["fit", "--print_config"])
+    Path("printed.yaml").write_text(capsys.readouterr().out)
+    fit = ["lit-cifar", "fit", "--config=printed.yaml", *config, "--trainer.accelerator=cpu"]
+    proc = run(*fit, f"--data.data_dir={data_dir}", "--trainer.fast_dev_run=2")
+    summary_accuracy(proc.stdout, "val/acc")  # the same line as scripts/train.py's
 
 
 @pytest.mark.slow  # a real process: ~15 s of start-up
 def test_train_script_one_epoch_writes_logs_and_checkpoint_and_prints_nothing_like_an_error(image_folder):
-    proc = run(
-        sys.executable,
-        str(REPO / "scripts/train.py"),
-        "--accelerator",
-        "cpu",
-        "--data-dir",
-        str(image_folder),
-        "--max-epochs",
-        "1",
-        "--trainer.log_every_n_steps",  # the tiny set has one batch: no "fewer batches than" advice
-        "1",
-    )
+    train = [sys.executable, str(REPO / "scripts/train.py"), "--accelerator", "cpu", "--max-epochs", "1"]
+    # the tiny set has one batch: --trainer.log_every_n_steps 1, no "fewer batches than" advice
+    proc = run(*train, "--data-dir", str(image_folder), "--trainer.log_every_n_steps", "1")
     # no args-and-argv warning, no Tip adverts, no torch.jit notices from the graph, no warnings
-    assert not [line for line in proc.stderr.splitlines() if LOOKS_LIKE_AN_ERROR.search(line)], proc.stderr
-    summary_accuracy(proc.stdout, "test/acc")
+    no_error_lines(proc.stderr)
+    accuracy = summary_accuracy(proc.stdout, "test/acc")
     assert "best checkpoint: ./lightning_logs/version_0/checkpoints/epoch00" in proc.stdout
     log_dir = Path("lightning_logs/version_0")
-    tags = scalar_tags(log_dir)
-    assert any(t.startswith("train/loss") for t in tags) and "val/acc" in tags, tags
+    scalars = events(log_dir)["scalars"]
+    losses = [v for tag, points in scalars.items() if tag.startswith("train/loss") for _, v in points]
+    assert losses and all(math.isfinite(v) for v in losses), scalars
+    [(_, val_acc)], [(_, test_acc)] = scalars["val/acc"], scalars["test/acc"]  # one epoch, one test
+    assert 0 <= val_acc <= 1 and test_acc == pytest.approx(accuracy, abs=1e-4)  # the summary's value
     assert (log_dir / "config.yaml").exists()
     assert (log_dir / "checkpoints/last.ckpt").exists()
-
-
-@pytest.mark.slow  # a real process: ~15 s of start-up
-def test_print_config_round_trips(image_folder):
-    printed = run("lit-cifar", "fit", "--print_config").stdout
-    Path("printed.yaml").write_text(printed)
-    run(
-        "lit-cifar",
-        "fit",
-        "--config=printed.yaml",
-        f"--data.data_dir={image_folder}",
-        "--trainer.fast_dev_run=1",
-        "--trainer.accelerator=cpu",
-    )
 
 
 def test_module_overfits_one_batch(image_folder):
@@ -208,15 +141,6 @@ def test_checkpoint_round_trip_needs_no_arguments(image_folder):
     assert torch.allclose(model(x), loaded(x))
 
 
-def test_tour_prints_the_seed_loss_examples(capsys):
-    tour = load_script("tour")
-    tour.main(tour.get_args_parser().parse_args(["--num-images", "2", "--log-dir", "tour"]))
-    values = dict(re.findall(r"^(.+?) +input .* = (\d+\.\d+)$", capsys.readouterr().out, re.MULTILINE))
-    # output [1, 2, 3], target [1, 3, 5], both (1, 1, 3); logits [[0.1, 0.8, 0.2]], class 1
-    assert values["L1Loss()"] == "1.0000" and values["MSELoss()"] == "1.6667"
-    assert values["CrossEntropyLoss(), 3 classes"] == "0.7156"
-
-
 def test_train_help_imports_neither_torch_nor_lightning_and_shows_the_classes_defaults():
     code = (
         "import runpy, sys; sys.argv = ['train.py', '--help']\n"
@@ -238,13 +162,13 @@ def test_train_messages_suggest_flags_train_py_accepts(image_folder, tmp_path):
     folder; and each flag a message suggests is one scripts/train.py takes."""
     train = load_script("train")
     messages = [
-        exit_message(train.main, train.parse_args(["--accelerator", "cpu", "--data.download", "false"])),
-        exit_message(train.main, train.parse_args(["--data-dir", str(image_folder), "--resume"])),
+        error_of(train.main, train.parse_args(["--accelerator", "cpu", "--data.download", "false"])),
+        error_of(train.main, train.parse_args(["--data-dir", str(image_folder), "--resume"])),
     ]
     assert f"data_dir {tmp_path / 'data'} " in messages[0], messages[0]
     assert "--resume" in messages[1] and "--default-root-dir" in messages[1]
     if not torch.cuda.is_available():
-        message = exit_message(train.main, train.parse_args(["--accelerator", "gpu"]))
+        message = error_of(train.main, train.parse_args(["--accelerator", "gpu"]))
         assert "use --accelerator cpu" in message
         messages.append(message)
     for message in messages:

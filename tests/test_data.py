@@ -8,7 +8,6 @@ import functools
 import hashlib
 import io
 import os
-import pickle
 import re
 import shutil
 import socket
@@ -22,7 +21,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CLASSES, quiet_trainer, write_batches, write_image_folder
+from conftest import (
+    CLASSES,
+    REPO,
+    checksum_config,
+    md5s_of,
+    quiet_trainer,
+    random_batch,
+    run,
+    write_batches,
+    write_image_folder,
+    write_pickles,
+)
 from PIL import Image, ImageFile, ImageOps
 
 from lit_cifar import CIFARDataModule, images, sources
@@ -33,22 +43,10 @@ from lit_cifar.loaders import TensorLoader, split_indices
 from lit_cifar.module import CIFARClassifier
 from lit_cifar.prediction import ImageFiles
 
-REPO = Path(__file__).resolve().parents[1]
 FIT = ["lit-cifar", "fit", "--trainer.accelerator=cpu", "--trainer.max_epochs=1"]
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def md5s_of(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in folder.iterdir()}
-
-
-def checksum_config(md5s: dict[str, str]) -> str:
-    """A config that gives the tests' own md5s: verification stays on, against these."""
-    path = Path("checksums.yaml")
-    path.write_text("data:\n  checksums:\n" + "".join(f"    {k}: {v}\n" for k, v in md5s.items()))
-    return f"--config={path}"
 
 
 def write_archive(batches_root: Path, dest: Path) -> tuple[Path, dict[str, str]]:
@@ -62,21 +60,6 @@ def write_archive(batches_root: Path, dest: Path) -> tuple[Path, dict[str, str]]
     return archive, md5s
 
 
-def write_cifar100(root: Path, n_train: int = 40, n_test: int = 10) -> tuple[Path, dict[str, str]]:
-    """root/cifar-100-python in CIFAR-100's pickle layout; returns (root, md5 per file name)."""
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    g = torch.Generator().manual_seed(2)
-    for name, n in (("train", n_train), ("test", n_test)):
-        fine = torch.randint(0, 100, (n,), generator=g).tolist()
-        data = torch.randint(0, 256, (n, 3072), generator=g, dtype=torch.uint8).numpy()
-        entry = {"data": data, "fine_labels": fine, "coarse_labels": [f // 5 for f in fine], "filenames": []}
-        (folder / name).write_bytes(pickle.dumps(entry))
-    meta = {"fine_label_names": sources.CIFAR100_CLASSES, "coarse_label_names": [str(i) for i in range(20)]}
-    (folder / "meta").write_bytes(pickle.dumps(meta))
-    return root, md5s_of(folder)
-
-
 def snapshot(root: Path) -> set[str]:
     """Every file and folder under root (but matplotlib's font cache, which it writes on import)."""
     paths = {str(p.relative_to(root)) for p in root.rglob("*")}
@@ -85,7 +68,7 @@ def snapshot(root: Path) -> set[str]:
 
 def fails(*args: str) -> str:
     """Run an entry point that must refuse its input; return what it printed for the user."""
-    proc = subprocess.run(args, capture_output=True, text=True)
+    proc = run(*args, check=False)
     assert proc.returncode != 0, proc.stdout[-2000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "error: " in proc.stderr, proc.stderr[-3000:]
@@ -175,7 +158,10 @@ def test_download_through_torchvision(tmp_path, batches, monkeypatch):
 
 
 def test_cifar100_trains_with_100_classes_through_the_cli(tmp_path):
-    root, md5s = write_cifar100(tmp_path / "c100")
+    g = torch.Generator().manual_seed(2)
+    root, md5s = write_pickles(
+        tmp_path / "c100", [random_batch(n, 100, g) for n in (40, 10)], sources.CIFAR100_CLASSES
+    )
     args = [
         checksum_config(md5s),
         "--data.dataset=cifar100",
@@ -188,7 +174,7 @@ def test_cifar100_trains_with_100_classes_through_the_cli(tmp_path):
     assert cli.model.hparams.class_names == sources.CIFAR100_CLASSES
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.datamodule.classes == sources.CIFAR100_CLASSES  # as read from the meta file
-    assert len(cli.datamodule.data["train"][1]) == 36 and cli.trainer.state.finished
+    assert len(cli.datamodule.data["train"][1]) == 36 and 0 <= cli.trainer.callback_metrics["val/acc"] <= 1
 
 
 # ---------------------------------------------------------------------------- bad input, end to end
@@ -513,17 +499,38 @@ def test_split_does_not_depend_on_the_loader_settings(image_folder):
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_ranks_shard_the_train_split_disjointly(image_folder, world_size):
-    dm = loaded(image_folder)  # the split is made before sharding, the same on every rank
-    x, _ = dm.data["train"]
-    ids = torch.arange(len(x))  # which training image each row is
-    shards = []
-    for rank in range(world_size):
-        loader = TensorLoader(x, ids, batch_size=8, shuffle=True, seed=0, rank=rank, world_size=world_size)
-        shards.append(torch.cat([batch_ids for _, batch_ids in loader]).tolist())
-    seen = [i for shard in shards for i in shard]
-    assert len({len(s) for s in shards}) == 1  # equal shards: no rank waits at the last step
-    assert len(seen) == len(set(seen)) >= len(x) - (world_size - 1)
+def test_ranks_shard_the_train_split_disjointly(world_size):
+    """Training: each epoch one permutation, the same on every rank, and rank r takes every world_size-th
+    index, dropping at most world_size - 1 images so that no rank waits at the last step. Evaluation:
+    every image exactly once."""
+    n = 11
+    labels = torch.arange(n)  # each label names its image
+    images = labels.view(n, 1, 1, 1).expand(n, 3, 2, 2).to(torch.uint8)
+
+    def shards(shuffle: bool, epochs: int) -> list[list[torch.Tensor]]:
+        """Each epoch's label of every image each rank reads: [epoch][rank]."""
+        ranks = [
+            TensorLoader(images, labels, 2, shuffle, seed=3, rank=r, world_size=world_size)
+            for r in range(world_size)
+        ]
+        out = []
+        for _ in range(epochs):
+            out.append([])
+            for loader in ranks:
+                read = list(loader)
+                assert len(read) == len(loader)
+                assert all(torch.equal(x[:, 0, 0, 0].long(), y) for x, y in read)  # images travel with labels
+                out[-1].append(torch.cat([y for _, y in read]))
+        return out
+
+    train = shards(shuffle=True, epochs=2)
+    for parts in train:
+        union = torch.cat(parts).tolist()
+        assert len(set(union)) == len(union) == n - n % world_size  # disjoint, all but n % world_size
+        assert {len(p) for p in parts} == {n // world_size}  # equally long
+    assert not torch.equal(train[0][0], train[1][0])  # a new order each epoch
+    [evaluation] = shards(shuffle=False, epochs=1)
+    assert sorted(torch.cat(evaluation).tolist()) == list(range(n))
 
 
 # ---------------------------------------------------------------------------- bad data, file by file

@@ -5,25 +5,21 @@ Each test is one row of docs/reliability.md's tables. Entry points are called in
 """
 
 import errno
-import importlib.util
 import os
 import re
 import signal
-import sys
 from pathlib import Path
-from unittest import mock
 
 import lightning as L
 import pytest
 import torch
-from conftest import CLASSES
+from conftest import CLASSES, run_script, write_image_folder
 
 from lit_cifar import CIFARClassifier
 from lit_cifar.cli import main as cli_main
 from lit_cifar.errors import TRACEBACK_ENV, UserError, boundary
 from lit_cifar.module import SCHEDULES
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = [
     "--trainer.accelerator=cpu",
     "--data.batch_size=8",
@@ -36,26 +32,6 @@ TINY = [
     "--trainer.logger.init_args.log_graph=false",
     "--dashboard.feature_maps=false",
 ]
-
-
-@pytest.fixture(autouse=True)
-def _clean_process(monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["lit-cifar"])
-    monkeypatch.delenv(TRACEBACK_ENV, raising=False)
-    with mock.patch.dict(os.environ):
-        yield
-
-
-def script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def run_script(name: str, *argv: str) -> None:
-    module = script(name)
-    module.main(module.get_args_parser().parse_args(list(argv)))
 
 
 def fails(capsys, fn, *args, status: int = 1) -> str:
@@ -276,8 +252,6 @@ def test_an_os_error_becomes_one_line_naming_the_file_and_the_fix(capsys):
 
 
 def test_a_failed_test_command_leaves_no_run_folder(tmp_path, capsys):
-    from conftest import write_image_folder
-
     data = write_image_folder(tmp_path / "notest", test_per_class=0)
     make_ckpt(Path("m.ckpt"))
     line = cli(capsys, "test", f"--data.data_dir={data}", "--ckpt_path=m.ckpt", *TINY)

@@ -6,18 +6,13 @@ channel 2 a code of the image's label. So from any output image we read back its
 flip, check that it is exactly the padded original cropped there, and that its label came with it.
 """
 
-import hashlib
-import os
-import pickle
 from functools import partial
-from pathlib import Path
 from types import SimpleNamespace
-from unittest import mock
 
 import lightning as L
 import pytest
 import torch
-from conftest import quiet_trainer
+from conftest import quiet_trainer, write_pickles
 from torch.nn import functional as F
 from torch.utils.data import DistributedSampler
 
@@ -43,27 +38,15 @@ def template(labels: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def write_coded_batches(root: Path, n: int) -> dict[str, str]:
-    """root/cifar-10-batches-py holding n coded training images (and a small test batch); md5s."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    labels = torch.randint(0, 10, (n + 10,), generator=torch.Generator().manual_seed(0))
-    images = template(labels).reshape(-1, 3 * SIZE * SIZE)
-    chunks = [range(i * n // 5, (i + 1) * n // 5) for i in range(5)] + [range(n, n + 10)]
-    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    for name, rows in zip(names, chunks, strict=True):
-        entry = {
-            "data": images[rows.start : rows.stop].numpy(),
-            "labels": labels[rows.start : rows.stop].tolist(),
-        }
-        (folder / name).write_bytes(pickle.dumps(entry))
-    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
-    return {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in folder.iterdir()}
-
-
 @pytest.fixture
 def coded(tmp_path) -> tuple[str, dict[str, str]]:
-    return str(tmp_path), write_coded_batches(tmp_path, N + 12)
+    """CIFAR-10 pickles of N + 12 coded training images (12 for validation) and 10 test images; md5s."""
+    n = N + 12
+    labels = torch.randint(0, 10, (n + 10,), generator=torch.Generator().manual_seed(0))
+    images = template(labels)
+    train = list(zip(images[:n].tensor_split(5), labels[:n].tensor_split(5), strict=True))
+    _, md5s = write_pickles(tmp_path, [*train, (images[n:], labels[n:])], [f"c{i}" for i in range(10)])
+    return str(tmp_path), md5s
 
 
 def fake_trainer(rank: int = 0, world_size: int = 1, overfit_batches: int = 0) -> SimpleNamespace:
@@ -184,38 +167,6 @@ def test_validation_batches_are_identical(coded, normalize):
     assert torch.equal(xf, xs) and torch.equal(yf, ys)  # no augmentation, same order, same arithmetic
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-@pytest.mark.parametrize("shuffle", [True, False])
-def test_each_rank_reads_its_own_shard(world_size, shuffle):
-    n = 100
-    labels = torch.arange(n)  # each label names its image
-    images = labels.view(n, 1, 1, 1).expand(n, 3, 2, 2).to(torch.uint8)
-
-    def shard(rank: int, epochs: int = 1) -> list[torch.Tensor]:
-        loader = TensorLoader(images, labels, 16, shuffle, seed=3, rank=rank, world_size=world_size)
-        out = []
-        for _ in range(epochs):
-            seen = []
-            for x, y in loader:
-                assert torch.equal(x[:, 0, 0, 0].long(), y)  # images and labels indexed together
-                seen.append(y)
-            out.append(torch.cat(seen))
-        assert [len(loader)] * epochs == [len(range(0, len(o), 16)) for o in out]
-        return out
-
-    shards = [shard(r, epochs=2) for r in range(world_size)]
-    for epoch in range(2):
-        parts = [s[epoch] for s in shards]
-        union = torch.cat(parts)
-        assert len(set(union.tolist())) == len(union)  # disjoint
-        if shuffle:  # equal shards, all but n % world_size images each epoch
-            assert {len(p) for p in parts} == {n // world_size}
-        else:  # evaluation: every image exactly once
-            assert sorted(union.tolist()) == list(range(n))
-    if shuffle:  # a new order each epoch, and ranks agree on it (disjoint again in epoch 2)
-        assert not torch.equal(shards[0][0], shards[0][1])
-
-
 @pytest.mark.parametrize("padding_mode", ["constant", "reflect"])
 def test_random_crop_flip_is_pad_crop_flip(padding_mode):
     """Any dtype, any padding (0 too): each image is its padded self, cropped and maybe mirrored."""
@@ -237,14 +188,13 @@ def test_random_crop_flip_is_pad_crop_flip(padding_mode):
 
 @pytest.fixture
 def seeded():
-    """seed_everything as the CLI calls it, with its PL_* variables kept from other tests."""
+    """seed_everything as the CLI calls it (conftest keeps its PL_* variables from other tests)."""
 
     def seed(value: int) -> None:
         L.seed_everything(value, verbose=False)
         torch.rand(value)  # however much of the global random state is used later, nothing changes
 
-    with mock.patch.dict(os.environ):
-        yield seed
+    return seed
 
 
 def test_the_training_seed_decides_order_and_augmentation(coded, seeded):

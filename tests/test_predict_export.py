@@ -1,7 +1,6 @@
 """Using a trained model: reading people's images, predicting to a CSV, exporting, per-class test accuracy."""
 
 import csv
-import importlib.util
 import re
 from pathlib import Path
 
@@ -9,7 +8,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import CLASSES, quiet_trainer, write_image_folder
+from conftest import CLASSES, load_script, quiet_trainer, run_script, write_image_folder
 from PIL import Image
 
 from lit_cifar import CIFARClassifier, CIFARDataModule, UserError
@@ -17,16 +16,6 @@ from lit_cifar.checkpoints import load_model, read_checkpoint
 from lit_cifar.cli import main as cli_main
 from lit_cifar.images import read_image
 from lit_cifar.prediction import CSV_COLUMNS, SKIPPED_EXIT
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def script(name: str):
-    """scripts/<name>.py as a module, so its main() runs in this process (fast) and can be patched."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def train_tiny(root: Path, normalize: bool = True) -> Path:
@@ -108,10 +97,9 @@ def test_predict_script_writes_csv_and_skips_unreadable(ckpt, tmp_path, capsys):
     paths = write_people_images(tmp_path / "people")
     extra = tmp_path / "extra.png"  # a file named directly, after the folder's
     Image.fromarray(np.full((100, 80, 3), 200, dtype=np.uint8)).save(extra)
-    predict = script("predict")
     args = [str(ckpt), str(tmp_path / "people"), str(extra), "--output", "out/p.csv", "--batch-size", "2"]
     with pytest.raises(SystemExit) as exit_info:
-        predict.main(predict.get_args_parser().parse_args(args))
+        run_script("predict", *args)
     assert exit_info.value.code == SKIPPED_EXIT == 3
     out, err = capsys.readouterr()
     assert "broken.png" in err and "skipped 1 unreadable" in err and "notes.txt" not in err
@@ -119,7 +107,7 @@ def test_predict_script_writes_csv_and_skips_unreadable(ckpt, tmp_path, capsys):
     check_rows(read_csv(Path("out/p.csv")), [*paths, extra], expected_probs(ckpt, [*paths, extra]))
 
     # Everything readable: exit status 0, predictions.csv in the working folder.
-    predict.main(predict.get_args_parser().parse_args([str(ckpt), str(extra)]))
+    run_script("predict", str(ckpt), str(extra))
     check_rows(read_csv(Path("predictions.csv")), [extra], expected_probs(ckpt, [extra]))
 
 
@@ -167,9 +155,8 @@ def test_bad_checkpoints_get_clear_errors(tmp_path):
     for path, message in cases.items():
         with pytest.raises(UserError, match=message):
             read_checkpoint(path)
-    predict = script("predict")
     with pytest.raises(SystemExit, match="error: .*not a Lightning checkpoint"):
-        predict.main(predict.get_args_parser().parse_args([str(tmp_path / "other.ckpt"), str(image)]))
+        run_script("predict", str(tmp_path / "other.ckpt"), str(image))
 
 
 # ---------------------------------------------------------------------------- export
@@ -185,15 +172,10 @@ def exported_diff(out: str) -> float:
 def test_export_onnx_and_torchscript_agree_with_the_checkpoint(ckpt, tmp_path, capsys):
     import onnxruntime
 
-    export = script("export")
     paths = write_people_images(tmp_path / "people")
-    export.main(export.get_args_parser().parse_args([str(ckpt), "--format", "onnx"]))
+    run_script("export", str(ckpt), "--format", "onnx")
     assert exported_diff(capsys.readouterr().out) <= 1e-4
-    export.main(
-        export.get_args_parser().parse_args(
-            [str(ckpt), "--format", "torchscript", "--check-images", str(tmp_path / "people")]
-        )
-    )
+    run_script("export", str(ckpt), "--format", "torchscript", "--check-images", str(tmp_path / "people"))
     out = capsys.readouterr().out
     assert "on 3 images" in out and exported_diff(out) <= 1e-4
     assert sorted(p.name for p in ckpt.parent.iterdir() if p.is_file()) == [  # no temporary left
@@ -214,7 +196,7 @@ def test_export_onnx_and_torchscript_agree_with_the_checkpoint(ckpt, tmp_path, c
 
 
 def test_export_that_disagrees_writes_nothing(ckpt, tmp_path, monkeypatch):
-    export = script("export")
+    export = load_script("export")
     monkeypatch.setattr(export, "TOLERANCE", -1.0)  # no difference can pass: the check must fail
     target = tmp_path / "model.pt"
     with pytest.raises(SystemExit, match="disagrees with the checkpoint"):
@@ -236,3 +218,14 @@ def test_test_reports_accuracy_per_class(ckpt):
     results = trainer.test(model, datamodule=data)[0]
     per_class = [results[f"test/acc_{name}"] for name in CLASSES]
     assert results["test/acc"] == pytest.approx(sum(per_class) / 3)  # 4 test images per class
+
+
+def test_cli_predict_reads_the_checkpoint_once(ckpt, tmp_path, monkeypatch):
+    image = tmp_path / "one.png"
+    Image.fromarray(np.full((32, 32, 3), 90, dtype=np.uint8)).save(image)
+    loads, torch_load = [], torch.load
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "load", lambda f, *a, **k: loads.append(f) or torch_load(f, *a, **k))
+        cli_main(["predict", f"--ckpt_path={ckpt}", f"--data.predict_dir={image}"])
+    assert loads == [ckpt]  # one read, by lit-cifar's own weights-only reader; none by Lightning
+    check_rows(read_csv(Path("predictions.csv")), [image], expected_probs(ckpt, [image]))

@@ -3,18 +3,16 @@
 python -m pytest tests/test_reliability.py -q            (the slow ones spawn real processes)
 """
 
-import importlib.util
 import os
 import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from conftest import REPO, error_of, events, run, run_script
 from torch.nn import functional as F
 
 from lit_cifar import CIFARClassifier, CIFARDataModule, build_net
@@ -23,7 +21,6 @@ from lit_cifar.cli import LitCifarCLI
 from lit_cifar.cli import main as cli_main
 from lit_cifar.loaders import TensorLoader
 
-REPO = Path(__file__).resolve().parents[1]
 LAST = Path("lightning_logs/version_0/checkpoints/last.ckpt")
 # 60 training images (conftest), 12 held out: 48 train = 6 steps of 8 per epoch, 12 steps in all.
 TINY = [
@@ -38,55 +35,12 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _in_process_entry_points(monkeypatch):
-    """Entry points called here see only their own arguments, and their PL_* variables (from
-    seed_everything) do not leak into other tests."""
-    monkeypatch.setattr(sys, "argv", ["lit-cifar"])
-    with mock.patch.dict(os.environ):
-        yield
-
-
-def load_train_script():
-    """scripts/train.py as a module, to call its main() in this process (no interpreter start)."""
-    spec = importlib.util.spec_from_file_location("train_script", REPO / "scripts/train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def train_main(*argv: str) -> None:
-    train = load_train_script()
-    train.main(train.get_args_parser().parse_args(list(argv)))
-
-
-def error_of(fn, *args) -> str:
-    """The message an entry point exits with (it must exit with a message, not a traceback)."""
-    with pytest.raises(SystemExit) as exc:
-        fn(*args)
-    assert isinstance(exc.value.code, str), f"exit code {exc.value.code!r}, expected an error message"
-    return exc.value.code
-
-
-def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        args, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600
-    )
+    run_script("train", *argv)
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-
-
-def last_scalar(log_dir: Path, tag: str) -> float:
-    """The value logged last (highest step) under `tag`, over every event file of the run."""
-    events = []
-    for event_file in log_dir.glob("events.out.tfevents.*"):
-        acc = EventAccumulator(str(event_file))
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            events += acc.Scalars(tag)
-    return max(events, key=lambda e: (e.step, e.wall_time)).value
 
 
 # ---------------------------------------------------------------------------- the loader's state
@@ -124,17 +78,6 @@ def test_tensor_loader_saved_at_epoch_end_starts_the_next_epoch():
     second = [b[1] for b in resumed]
     assert resumed.epoch == 1 and len(second) == 3
     assert not all(torch.equal(a, b) for a, b in zip(first, second, strict=True))  # epoch 1's order
-
-
-@pytest.mark.parametrize("n", [10, 11])
-def test_ddp_ranks_get_disjoint_equal_shards(n):
-    labels = torch.arange(n)
-    ranks = [TensorLoader(labels.view(n, 1), labels, 2, shuffle=True, rank=r, world_size=2) for r in (0, 1)]
-    shards = [torch.cat([b[1] for b in loader]) for loader in ranks]
-    assert len(shards[0]) == len(shards[1]) == n // 2 and len(ranks[0]) == len(ranks[1])
-    assert not set(shards[0].tolist()) & set(shards[1].tolist())
-    evals = [TensorLoader(labels.view(n, 1), labels, 2, shuffle=False, rank=r, world_size=2) for r in (0, 1)]
-    assert sorted(torch.cat([b[1] for e in evals for b in e]).tolist()) == list(range(n))  # each once
 
 
 # ---------------------------------------------------------------------------- atomic checkpoint writes
@@ -234,9 +177,8 @@ LIT_CIFAR = shutil.which("lit-cifar")
 def killed_run(script: str, args: list[str], step: int, sig: str = "SIGKILL") -> subprocess.CompletedProcess:
     """Run `script args` in a process that sends itself `sig` after training step `step`."""
     Path("killer.py").write_text(KILLER)
-    proc = run(
-        sys.executable, "killer.py", script, *args, env={"KILL_AT_STEP": str(step), "KILL_SIGNAL": sig}
-    )
+    env = {"KILL_AT_STEP": str(step), "KILL_SIGNAL": sig}
+    proc = run(sys.executable, "killer.py", script, *args, env=env, check=False)
     if sig == "SIGKILL":
         assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     return proc
@@ -250,13 +192,7 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 
 def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar series of a run folder as TensorBoard shows it: its (step, value) points in the
-    order written, over all the folder's event files. EventAccumulator reads a folder as TensorBoard
-    does: a resumed run's purge_step (a SessionLog START event) drops the points the killed run wrote
-    at that step or later, i.e. after its checkpoint; any other point logged twice shows twice."""
-    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    return events(log_dir)["scalars"]
 
 
 def assert_same_scalars(got: Path, want: Path) -> None:
@@ -342,14 +278,7 @@ def test_ddp_on_two_cpu_ranks_matches_one_process(image_folder):
     # is every other image of the single run's batch j (global batch 16 = 2 ranks x 8).
     args = ["fit", f"--data.data_dir={image_folder}", *TINY, "--data.augment=false", "--model.net=seed"]
     cli_main([*args, "--data.batch_size=16", "--trainer.default_root_dir=single"])
-    proc = run(
-        "lit-cifar",
-        *args,
-        "--trainer.strategy=ddp",
-        "--trainer.devices=2",
-        "--trainer.default_root_dir=ddp",
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run("lit-cifar", *args, "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.default_root_dir=ddp")
     single, ddp = weights(Path("single") / LAST), weights(Path("ddp") / LAST)
     for key in single:
         assert torch.allclose(single[key], ddp[key], rtol=1e-4, atol=1e-6), key
@@ -362,13 +291,18 @@ def test_ddp_on_two_cpu_ranks_matches_one_process(image_folder):
     with torch.no_grad():
         logits = model(data.to_float(x))
     acc, loss = (logits.argmax(1) == y).float().mean().item(), F.cross_entropy(logits, y).item()
-    log_dir = Path("ddp/lightning_logs/version_0")
-    assert last_scalar(log_dir, "val/acc") == pytest.approx(acc, abs=1e-6)
-    assert last_scalar(log_dir, "val/loss") == pytest.approx(loss, rel=1e-4)
     # ... and it is the single process's value.
-    single_dir = Path("single/lightning_logs/version_0")
-    assert last_scalar(single_dir, "val/acc") == pytest.approx(acc, abs=1e-6)
-    assert last_scalar(single_dir, "val/loss") == pytest.approx(loss, rel=1e-4)
+    for run_dir in ("ddp", "single"):
+        logged = scalars(Path(run_dir) / "lightning_logs/version_0")
+        assert logged["val/acc"][-1][1] == pytest.approx(acc, abs=1e-6), run_dir
+        assert logged["val/loss"][-1][1] == pytest.approx(loss, rel=1e-4), run_dir
+
+    # The dashboard under DDP: its hook sees the step outputs DDP redirects, the confusion matrix is
+    # synchronized, and rank 0 alone writes the pictures, once an epoch.
+    images = events(Path("ddp/lightning_logs/version_0"))["images"]
+    assert {"val/confusion_matrix", "val/inputs"} <= set(images)
+    assert len([tag for tag in images if tag.startswith("val/feature_maps/")]) == 6  # the seed's six layers
+    assert len(images["val/confusion_matrix"]) == 2
 
 
 # ---------------------------------------------------------------------------- safe loading
@@ -488,11 +422,15 @@ def test_train_script_lr_1e6_exits_non_zero_without_traceback(image_folder):
     Path("steps.yaml").write_text(
         "last_checkpoint: {every_n_train_steps: 1}\ntrainer: {log_every_n_steps: 1}\n"
     )
-    proc = run(
+    train = [
         sys.executable,
         str(REPO / "scripts/train.py"),
-        *("--data-dir", str(image_folder), "--accelerator", "cpu", "--lr", "1e6", "--config", "steps.yaml"),
-    )
+        "--data-dir",
+        str(image_folder),
+        "--accelerator",
+        "cpu",
+    ]
+    proc = run(*train, "--lr", "1e6", "--config", "steps.yaml", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert_stopped_at_divergence(proc.stderr.strip().splitlines()[-1])
 
