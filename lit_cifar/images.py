@@ -46,8 +46,8 @@ BAD_MODE = (
 )
 SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # grayscale, scaled to 8 bits here; the rest by PIL
 MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", *SIXTEEN_BIT)
-# Decoded by torchvision (libjpeg-turbo/libpng, faster than PIL: docs/data.md) at 32x32, all that training
-# reads; every other file by PIL. Both give the same pixels (tests/test_data.py).
+# Decoded by torchvision (libjpeg-turbo/libpng) at 32x32, all that training reads;
+# every other file by PIL. Both give the same pixels (tests/test_data.py).
 FAST = {("JPEG", "L"), ("JPEG", "RGB")} | {("PNG", m) for m in ("L", "LA", "P", "RGB", "RGBA")}
 
 

@@ -171,7 +171,7 @@ def _read_batches(root: Path, dataset: str, sums: dict[str, str], split: str) ->
 
 
 def _read_folder(split_dir: Path, classes: list[str], paths, labels, stats) -> dict:
-    # One thread: on 2 cores, threads made it slower (the GIL; each image is tiny). docs/data.md
+    # One thread: each image is tiny, so decoding threads would mostly wait for the GIL.
     images, problems = [], []
     for path in paths:
         try:
