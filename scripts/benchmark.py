@@ -78,8 +78,8 @@ class SeedImages(Dataset):
         return ToTensor()(Image.fromarray(self.images[i])), self.labels[i]
 
 
-def now(args: argparse.Namespace) -> float:
-    if args.device == "cuda":
+def now(device: str) -> float:
+    if device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter()
 
@@ -88,10 +88,10 @@ def timed(args: argparse.Namespace, step, batches) -> float:
     """images/s of `step` over --steps batches after --warmup untimed ones, the device synced at both ends."""
     for _ in range(args.warmup):
         step(next(batches))
-    start = now(args)
+    start = now(args.device)
     for _ in range(args.steps):
         step(next(batches))
-    return args.steps * args.batch_size / (now(args) - start)
+    return args.steps * args.batch_size / (now(args.device) - start)
 
 
 def autocast(args: argparse.Namespace) -> torch.autocast:  # c gets the same from Lightning's precision
@@ -162,9 +162,9 @@ class Rounds(Callback):
         args = self.args
         r, pos = divmod(trainer.global_step - 1, args.warmup + args.steps)  # global_step: steps done
         if pos == args.warmup - 1:  # the last warm-up step ends: start the clock
-            self.start = now(args)
+            self.start = now(args.device)
         elif pos == args.warmup + args.steps - 1:
-            self.speeds["c"].append(args.steps * args.batch_size / (now(args) - self.start))
+            self.speeds["c"].append(args.steps * args.batch_size / (now(args.device) - self.start))
             for name, run in self.others.items():
                 self.speeds[name].append(run())
             speeds = ", ".join(f"{k} {v[-1]:.0f}" for k, v in self.speeds.items())
@@ -200,7 +200,7 @@ def benchmark(args: argparse.Namespace, data_dir: str, checksums: dict | None, l
         "median": {name: statistics.median(v) for name, v in speeds.items()},
         "ratios": {f"c/{d}": statistics.median(map(truediv, speeds["c"], speeds[d])) for d in "abd"},
         "channels_last": cli.model.hparams.channels_last,
-        "device_name": _device_name(args.device),
+        "device_name": device_name(args.device),
         "others_cores": (end[1] - start[1]) / (end[0] - start[0]),
     }
 
@@ -208,8 +208,8 @@ def benchmark(args: argparse.Namespace, data_dir: str, checksums: dict | None, l
 def print_table(args: argparse.Namespace, result: dict) -> None:
     print(
         f"\ndevice {args.device} ({result['device_name']}) | data: {args.data_dir or 'SYNTHETIC'} | "
-        f"batch {args.batch_size} | precision {args.precision} | channels_last (b,c,d) {result['channels_last']} | "
-        f"compile (b,c,d) {args.compile} | {args.rounds} rounds x {args.steps} steps after {args.warmup}\n"
+        f"batch {args.batch_size} | precision {args.precision} | channels_last {result['channels_last']} | "
+        f"compile {args.compile} | {args.rounds} rounds x {args.steps} steps after {args.warmup}\n"
         f"other processes used {result['others_cores']:.2f} CPU cores on average during the run\n"
         f"{'path':<46}{'img/s median':>14}{'min':>10}{'max':>10}"
     )
@@ -219,7 +219,7 @@ def print_table(args: argparse.Namespace, result: dict) -> None:
     print("ratios (median over rounds): " + "   ".join(f"{k} {v:.2f}" for k, v in result["ratios"].items()))
 
 
-def _device_name(device: str) -> str:
+def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""

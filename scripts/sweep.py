@@ -9,7 +9,6 @@ writes, how it prunes and continues: docs/sweeps/README.md. Needs: pip install -
 
 import argparse
 import multiprocessing
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -151,7 +150,7 @@ def report(study: "optuna.Study", output_dir: Path) -> str:
 def _write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")  # renamed into place: a reader never sees half a file
     tmp.write_text(text)
-    os.replace(tmp, path)
+    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None, pruner: "optuna.pruners.BasePruner | None" = None) -> None:
