@@ -4,19 +4,12 @@ import importlib
 
 from lit_cifar.errors import UserError
 
-# The classes load on first use (PEP 562), so `lit_cifar.errors` alone imports no torch: a script's
-# --help and a mistyped flag answer at once.
-_LAZY = {
-    "CIFARClassifier": "lit_cifar.module",
-    "CIFARDataModule": "lit_cifar.data",
-    "build_net": "lit_cifar.nets",
-}
+# Each name loads lit_cifar.<module> on first use (PEP 562): `lit_cifar.errors` alone imports no torch.
+_LAZY = {"CIFARClassifier": "module", "CIFARDataModule": "data", "build_net": "nets"}
+__all__ = ["UserError", *_LAZY]
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'lit_cifar' has no attribute {name!r}")
-
-
-__all__ = ["CIFARClassifier", "CIFARDataModule", "UserError", "build_net"]
+    if name not in _LAZY:
+        raise AttributeError(f"module 'lit_cifar' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"lit_cifar.{_LAZY[name]}"), name)

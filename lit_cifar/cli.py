@@ -104,8 +104,11 @@ PROGRESS_BAR_REFRESH_RATE = 20
 def quiet_upstream_notices() -> None:
     """Silence, by exact message, what upstream prints on every normal run and a newcomer reads
     as an error. The one place such notices are filtered; anything else still shows."""
-    # torch.utils.tensorboard's add_graph (TensorBoard's Graphs tab) still traces with torch.jit.
-    warnings.filterwarnings("ignore", r"`torch\.jit\.trace(_method)?` is deprecated", FutureWarning)
+    # torch.utils.tensorboard's add_graph (TensorBoard's Graphs tab) still traces with torch.jit, and
+    # scripts/export.py's TorchScript (what C++ and mobile runtimes load) is torch.jit.script and load.
+    warnings.filterwarnings(
+        "ignore", r"`torch\.jit\.(trace(_method)?|script|load)` is deprecated", FutureWarning
+    )
     # Lightning's pytree helper on torch >= 2.10: Lightning-AI/pytorch-lightning#21326.
     warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
     # The "💡 Tip" adverts (litlogger, litmodels): Lightning has no setting for them.

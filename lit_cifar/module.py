@@ -32,24 +32,20 @@ class CIFARClassifier(L.LightningModule):
         compile: bool = False,
         flip_tta: bool = False,
     ) -> None:
-        """
-        The defaults are the default recipe, chosen by measurement (README, "Accuracy"); the
-        seed's own settings (constant lr 1e-3, weight decay 1e-4, no smoothing) are configs/seed.yaml.
+        """Defaults: the default recipe (README, "Accuracy"); the seed's own are configs/seed.yaml.
 
         Args:
             net: network name, one of `lit_cifar.nets.NETS` (seed, seed_bn).
             num_classes: outputs of the last layer; the CLI takes it from the data.
-            class_names: names of the classes, in label order, kept for prediction and figures.
+            class_names: the classes' names in label order, for prediction and figures.
             lr: AdamW learning rate (the peak rate when a schedule is on).
             weight_decay: AdamW decoupled weight decay.
             label_smoothing: CrossEntropyLoss label smoothing, training loss only.
-            schedule: constant (the seed's) or onecycle: linear warm-up from lr/25 to lr, then
-                cosine decay to 0, over `trainer.estimated_stepping_batches`.
+            schedule: constant (the seed's) or onecycle: linear warm-up from lr/25, cosine decay to 0.
             warmup_fraction: fraction of all steps spent warming up (onecycle).
             channels_last: NHWC memory format for the net and its inputs (faster convs on most devices).
             compile: torch.compile the net.
-            flip_tta: at evaluation and prediction, average the logits of each image and its mirror
-                image (test-time augmentation; training is unchanged).
+            flip_tta: at evaluation and prediction, average the logits of each image and its mirror image.
         """
         super().__init__()
         if net not in NETS:
@@ -69,28 +65,22 @@ class CIFARClassifier(L.LightningModule):
         if class_names is not None and len(class_names) != num_classes:
             raise UserError(f"{len(class_names)} class names for {num_classes} classes.")
         self.save_hyperparameters()
+        self.class_names = class_names or [str(i) for i in range(num_classes)]  # for tables and figures
         self.net = build_net(net, num_classes)
         self.example_input_array = torch.zeros(1, 3, 32, 32)  # the summary shows each layer's shapes
         # validate_args=False: the input checks call torch.unique, a host-device sync every step.
-        self.val_acc, self.test_acc = (
-            MulticlassAccuracy(num_classes, average="micro", validate_args=False) for _ in range(2)
-        )
-        self.val_acc_best = MaxMetric()
-        # The epoch's training sums on the device: (loss x images, correct predictions, images); the
-        # seed's "Average Loss" and train/acc are their ratios. (torchmetrics' MeanMetric checks each
-        # update for NaN with a host-device sync; its nan_strategy="disable" needs torchmetrics >= 1.7.)
-        self.register_buffer("train_sums", torch.zeros(3), persistent=False)
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+        self.test_acc = self.val_acc.clone()
         self.test_acc_per_class = MulticlassAccuracy(num_classes, average=None)  # (C,): each class's recall
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.hparams.class_names or [str(i) for i in range(self.hparams.num_classes)]
+        self.val_acc_best = MaxMetric()
+        # The epoch's (loss x images, correct predictions, images), summed on the device. (MeanMetric
+        # syncs to check each update for NaN; its nan_strategy="disable" needs torchmetrics >= 1.7.)
+        self.register_buffer("train_sums", torch.zeros(3), persistent=False)
 
     def configure_model(self) -> None:
         if self.hparams.channels_last:
             self.net.to(memory_format=torch.channels_last)
-        # Lightning calls this hook at every fit/validate/test in the process: compile once only,
-        # or each call wraps the net again and recompiles it.
+        # Lightning calls this at every fit/validate/test in the process: compile once, not at each.
         if self.hparams.compile and not getattr(self, "_compiled", False):
             self.net.compile()  # in place: the state_dict keys stay those of the plain net
             self._compiled = True
@@ -99,27 +89,23 @@ class CIFARClassifier(L.LightningModule):
         # (B, 3, 32, 32) normalized images -> (B, num_classes) logits
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if torch.jit.is_tracing():  # log_graph traces the plain net: a compiled one cannot be traced
-            return self.net.forward(x)
-        return self.net(x)
+        # log_graph traces the plain net's forward: a compiled one cannot be traced
+        return self.net.forward(x) if torch.jit.is_tracing() else self.net(x)
 
     def evaluate(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for evaluation: (B, num_classes), with mirror-image averaging when flip_tta is on."""
         logits = self(x)
-        if self.hparams.flip_tta:
-            logits = (logits + self(x.flip(3))) / 2
-        return logits
-
-    # ------------------------------------------------------------------ steps
+        return (logits + self(x.flip(3))) / 2 if self.hparams.flip_tta else logits
 
     def _step(self, batch, stage: str) -> torch.Tensor | dict[str, torch.Tensor]:
-        x, y = batch
-        logits = self(x) if stage == "train" else self.evaluate(x)
-        smoothing = self.hparams.label_smoothing if stage == "train" else 0.0
-        loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
+        x, y = batch  # (B, 3, 32, 32), (B,)
         if stage == "train":
+            logits = self(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
             self._log_train(loss, logits, y)
             return loss
+        logits = self.evaluate(x)
+        loss = F.cross_entropy(logits, y)
         acc = getattr(self, f"{stage}_acc")
         acc(logits, y)
         if stage == "test":
@@ -130,10 +116,8 @@ class CIFARClassifier(L.LightningModule):
         return {"loss": loss, "logits": logits.detach()}  # (), (B, num_classes)
 
     def _log_train(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
-        # Each self.log call costs 0.5-1 ms of Python (measured), every step: the training step
-        # only updates its metrics, on the device (no sync), and hands Lightning the step's loss
-        # when it writes logs (every log_every_n_steps) -> train/loss_step; the epoch's values are
-        # logged at its end -> train/loss_epoch, train/acc.
+        # A self.log call is Python work every step: the step only adds to train_sums on the device (no
+        # sync), logs train/loss_step every log_every_n_steps and the epoch's values at its end.
         images = torch.full_like(loss, len(y), dtype=torch.float32)  # float32 whatever the precision
         correct = (logits.argmax(1) == y).sum().float()
         self.train_sums.add_(torch.stack((loss.detach().float() * images, correct, images)))
@@ -141,10 +125,9 @@ class CIFARClassifier(L.LightningModule):
             self.log("train/loss_step", loss, sync_dist=True)  # DDP: the mean over all ranks
 
     def on_train_epoch_end(self) -> None:
+        # Summed over all DDP ranks, so equal on every rank: sync_dist only stops Lightning's DDP warning.
         loss_sum, correct, images = self.trainer.strategy.reduce(self.train_sums.clone(), reduce_op="sum")
-        if images > 0:  # over all DDP ranks (reduce sums them); none when no batch was trained
-            # Equal on every rank already: sync_dist (a mean of equal values, once an epoch) only
-            # tells Lightning so, which otherwise warns under DDP that epoch values are not synced.
+        if images > 0:  # none when no batch was trained
             self.log("train/loss_epoch", loss_sum / images, sync_dist=True)
             self.log("train/acc", correct / images, sync_dist=True)
         self.train_sums.zero_()
@@ -168,16 +151,13 @@ class CIFARClassifier(L.LightningModule):
             self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True)
 
     def on_test_epoch_end(self) -> None:
-        # One row per class in the results table, beside test/acc: test/acc_<class name>.
         for name, acc in zip(self.class_names, self.test_acc_per_class.compute(), strict=True):
-            self.log(f"test/acc_{name}", acc)
+            self.log(f"test/acc_{name}", acc)  # one row per class in the results table
         self.test_acc_per_class.reset()
 
-    # ------------------------------------------------------------------ what a resumed run restores
-
     # state_dict() stays the weights only (export, prediction and check_fits compare it with the net);
-    # the epoch's running sums and the best val/acc so far go in the checkpoint under their own key,
-    # so that a run resumed mid-epoch logs the values the uninterrupted run would.
+    # the running sums and the best val/acc go in the checkpoint under "metric_state", so that a run
+    # resumed mid-epoch logs what the uninterrupted run would.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         sums = self.trainer.strategy.reduce(self.train_sums.clone(), reduce_op="sum")  # every rank's share
         best = self.val_acc_best.metric_state["max_value"]
@@ -192,20 +172,14 @@ class CIFARClassifier(L.LightningModule):
         self.val_acc_best.reset()
         self.val_acc_best.update(state["val_acc_best"])
 
-    # ------------------------------------------------------------------ optimization
-
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(
-            self.parameters(),
-            lr=self.hparams.lr,
-            weight_decay=self.hparams.weight_decay,
-            # one kernel for all parameters (measured 3x faster than the default loop on the CPU too)
-            fused=self.device.type in ("cuda", "cpu"),
-        )
-        if self.hparams.schedule == "constant":
+        hp = self.hparams
+        fused = self.device.type in ("cuda", "cpu")  # one kernel for all parameters
+        optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, fused=fused)
+        if hp.schedule == "constant":
             return optimizer
         total = self.trainer.estimated_stepping_batches
-        warmup = max(1, int(self.hparams.warmup_fraction * total))
+        warmup = max(1, int(hp.warmup_fraction * total))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: one_cycle(step, warmup, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

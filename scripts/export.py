@@ -3,16 +3,10 @@
     python scripts/export.py lightning_logs/version_0/checkpoints/last.ckpt --format onnx
     python scripts/export.py last.ckpt --format torchscript --output model.pt --check-images photos/
 
-The exported model takes raw uint8 RGB images, NCHW (N, 3, 32, 32), any N, and returns class
-probabilities (N, C): pixels / 255, the training normalization (when the model was trained with
-it) and softmax are inside (lit_cifar.export.Deployable). Class names ride along: ONNX
-metadata "class_names" (JSON), TorchScript attribute `class_names`.
-It is written to <ckpt stem>.onnx / .pt beside the checkpoint unless --output says otherwise,
-only once its probabilities match the checkpoint's within 1e-4 (max abs difference) on the
-images of --check-images, or on random images; otherwise nothing is written and the exit status is 1.
-"""
+The exported model (lit_cifar.export.Deployable) takes uint8 RGB images (N, 3, 32, 32) and returns
+probabilities (N, C); its class names ride along. It is written (beside the checkpoint unless --output)
+only once it agrees with the checkpoint within 1e-4 on --check-images or random images; else exit 1."""
 
-import copy
 import os
 import sys
 from argparse import SUPPRESS, Namespace
@@ -21,9 +15,10 @@ from pathlib import Path
 import torch
 
 from lit_cifar.checkpoints import load_model
+from lit_cifar.cli import quiet_upstream_notices
 from lit_cifar.data import CIFARDataModule
 from lit_cifar.errors import ArgumentParser, UserError, boundary, check_output
-from lit_cifar.export import EXPORT, SUFFIXES, Deployable, is_export
+from lit_cifar.export import SUFFIXES, Deployable, export, is_export, run
 from lit_cifar.images import find_images, read_image
 
 TOLERANCE = 1e-4  # max abs difference of probabilities, exported vs checkpoint
@@ -52,51 +47,42 @@ def check_images(folder: str | None) -> tuple[torch.Tensor, str]:
             print(f"skipped unreadable {path}: {err}", file=sys.stderr)
     if not images:
         raise UserError(f"no readable images in {folder} to check the export on.")
-    return torch.stack(images), f"{folder}"
+    return torch.stack(images), folder
 
 
 def main(args: Namespace) -> None:
     given = vars(args)
     with boundary():
+        quiet_upstream_notices()  # torch.jit's deprecation notices
         output = Path(given.get("output") or Path(args.ckpt).with_suffix(SUFFIXES[args.format]))
         check_output(output, is_export, "--output")
         model, settings = load_model(args.ckpt)
         data = CIFARDataModule(**settings)
-        net = copy.deepcopy(model.net).to(memory_format=torch.contiguous_format)
-        mean_std = data.mean_std if data.hparams.normalize else None
-        deployable = Deployable(net, model.class_names, mean_std, model.hparams.get("flip_tta", False))
+        deployable = Deployable(model, data.mean_std if data.hparams.normalize else None).eval()
         images, source = check_images(given.get("check_images"))
         with torch.no_grad():  # the checkpoint's own path: the DataModule's preparation, predict_step
             expected = model.predict_step(data.to_float(images), 0)
         output.parent.mkdir(parents=True, exist_ok=True)
-        export, run = EXPORT[args.format]
         # Written beside the target, renamed into place only once it passed: never a half or bad file.
         tmp = output.with_name(f".{output.stem}.{os.getpid()}.tmp{output.suffix}")
         try:
-            export(deployable.eval(), tmp)
-            got = run(tmp, images)
-            if got is None:
-                print(
-                    "onnxruntime is not installed: checked the ONNX graph only (pip install -e '.[export]')"
+            export(deployable, args.format, tmp)
+            got, single = run(args.format, tmp, images), run(args.format, tmp, images[:1])  # any N works
+            diff = max((got - expected).abs().max().item(), (single - expected[:1]).abs().max().item())
+            print(
+                f"max abs difference of probabilities, {args.format} vs checkpoint, on {len(images)} "
+                f"images ({source}): {diff:.2e} (tolerance {TOLERANCE:.0e})"
+            )
+            if not diff <= TOLERANCE:
+                raise UserError(
+                    f"the exported model disagrees with the checkpoint ({diff:.2e} > {TOLERANCE:.0e}): "
+                    f"nothing was written."
                 )
-            else:
-                single = run(tmp, images[:1])  # batch size 1 works too
-                diff = max((got - expected).abs().max().item(), (single - expected[:1]).abs().max().item())
-                print(
-                    f"max abs difference of probabilities, {args.format} vs checkpoint, on {len(images)} "
-                    f"images ({source}): {diff:.2e} (tolerance {TOLERANCE:.0e})"
-                )
-                if not diff <= TOLERANCE:
-                    raise UserError(
-                        f"the exported model disagrees with the checkpoint ({diff:.2e} > {TOLERANCE:.0e}): "
-                        f"nothing was written."
-                    )
             os.replace(tmp, output)
         finally:
             tmp.unlink(missing_ok=True)
-    print(
-        f"wrote {output} (input: uint8 images (N, 3, 32, 32); output: probabilities (N, {len(model.class_names)}))"
-    )
+    n = len(model.class_names)
+    print(f"wrote {output} (input: uint8 images (N, 3, 32, 32); output: probabilities (N, {n}))")
 
 
 if __name__ == "__main__":

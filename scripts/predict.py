@@ -3,10 +3,8 @@
     python scripts/predict.py lightning_logs/version_0/checkpoints/last.ckpt photos/ cat.jpg
     python scripts/predict.py last.ckpt photos/ --output out/predictions.csv --batch-size 256
 
-Any PNG/JPEG of any size and mode (folders are searched recursively) is made the way CIFAR was
-(RGB, resized to 32x32) and prepared as the model's training data was (normalized or not, read
-from the checkpoint). Unreadable files are listed and skipped: the exit status is then 3
-(lit_cifar.prediction.SKIPPED_EXIT); 0 when every image was predicted, 1 on an error.
+Any PNG/JPEG (folders: searched recursively) is made as CIFAR's images were, then prepared as the
+training data was. Exit status 0, 3 when unreadable files were skipped (listed), 1 on an error.
 The same as `lit-cifar predict --ckpt_path CKPT --data.predict_dir DIR`.
 """
 
@@ -33,21 +31,17 @@ def get_args_parser() -> ArgumentParser:
 
 
 def main(args: Namespace) -> None:
-    given = vars(args)
+    given = vars(args)  # only what was given: the classes' own defaults for the rest
     with boundary():
         model, settings = load_model(args.ckpt)
         loader = {k: given[k] for k in ("batch_size", "num_workers") if k in given}
         data = CIFARDataModule(**settings, **loader, predict_dir=list(args.inputs))
-        writer = PredictionWriter(**({"output": args.output} if "output" in given else {}))
+        writer = PredictionWriter(**{k: given[k] for k in ["output"] if k in given})
+        accelerator = {k: given[k] for k in ["accelerator"] if k in given}
         check_accelerator(given.get("accelerator"), "--accelerator")
-        try:
+        try:  # one process (a CSV in input order, no launcher) that writes nothing else
             trainer = L.Trainer(
-                **({"accelerator": args.accelerator} if "accelerator" in given else {}),
-                devices=1,  # one process: a CSV in input order, no launcher
-                logger=False,
-                callbacks=[writer],
-                enable_progress_bar=False,
-                enable_model_summary=False,
+                **accelerator, devices=1, logger=False, callbacks=[writer], enable_progress_bar=False
             )
         except ValueError as err:  # an accelerator Lightning does not know
             raise UserError(f"{err}: see `predict.py --help`.") from None
