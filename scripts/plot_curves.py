@@ -1,6 +1,7 @@
 """Val accuracy per epoch from TensorBoard logs: a markdown table and a plot of the curves.
+Each folder below ROOT with event files is a run, named by its path:
 
-python scripts/plot_curves.py runs/accuracy --only seed-exact s1-reflect --output docs/curves.png
+    python scripts/plot_curves.py runs/accuracy --only seed-exact s1-reflect --output docs/curves.png
 """
 
 from pathlib import Path
@@ -11,8 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lit_cifar.errors import ArgumentParser, UserError, boundary
 
 
-def read_run(log_dir: Path, tag: str) -> tuple[list[float], float]:
-    """(the tag's value per epoch, seconds from the run's first to its last event)"""
+def read_run(log_dir: Path, tag: str) -> tuple[list[float], float]:  # (value per epoch, seconds logged)
     acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0}).Reload()
     scalars = {t: acc.Scalars(t) for t in acc.Tags()["scalars"]}
     # a validate/test run after fit ends logs beyond fit's last step: not an epoch
@@ -23,7 +23,7 @@ def read_run(log_dir: Path, tag: str) -> tuple[list[float], float]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("root", type=Path, help="its folders with event files are the runs, named by path")
+    parser.add_argument("root", type=Path, help="the folder of the runs")
     parser.add_argument("--only", nargs="*", help="plot only these runs (names as printed)")
     parser.add_argument("--output", help="PNG file for the plot")
     parser.add_argument("--tag", default="val/acc")
