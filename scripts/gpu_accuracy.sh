@@ -11,7 +11,7 @@ set -u
 DATA=${1:?data folder}; BUDGET=${2:-300}; JOBS=${3:-6}; shift 3 || shift $#
 ROOT=${OUT:-runs}
 mkdir -p "$ROOT"
-python3 -c "from lit_cifar.sources import load; load('$DATA')"  # decode once, so runs share the cache
+python3 -c "from lit_cifar.data import CIFARDataModule as D; D('$DATA').prepare_data()"  # decode once: runs share the cache
 
 start=$(date +%s)
 for net in seed seed_bn; do
