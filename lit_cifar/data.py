@@ -140,12 +140,11 @@ class CIFARDataModule(L.LightningDataModule):
         if self.trainer is not None:  # the constants reach the device now, before any step
             self.normalization(self.trainer.strategy.root_device)
         split, hp = "test" if stage == "test" else "train", self.hparams  # val is cut from train
+        prepared = self._prepared.pop(split, None)  # what prepare_data read in this process, if anything
         if stage == "predict" or split in self.data:
             return
-        # What prepare_data read in this process (no second look at every file), else the cache.
-        loaded = self._prepared.pop(split, None) or sources.load(
-            hp.data_dir, hp.dataset, hp.checksums, (split,)
-        )
+        # No second look at every file when prepare_data ran here; else the cache.
+        loaded = prepared or sources.load(hp.data_dir, hp.dataset, hp.checksums, (split,))
         self._classes = loaded.get("classes", self._classes)
         if split == "test":
             self.data["test"] = loaded["test"] and mix_classes(*loaded["test"])
