@@ -61,7 +61,7 @@ class DivergenceGuard(Callback):
         # Runs inside every save, on every rank, before anything is written: raising here keeps the
         # previous file. The loss flag may lag the weights by one step, so look at the weights too.
         self._check(trainer)
-        if not all(p.isfinite().all() for p in pl_module.parameters()):  # one sync per tensor, per save
+        if not torch.stack([p.isfinite().all() for p in pl_module.parameters()]).all():  # one sync per save
             raise _diverged(trainer, f"the weights became NaN or infinite at step {trainer.global_step}")
 
     def _check(self, trainer: L.Trainer) -> None:
